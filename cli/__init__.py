@@ -1,0 +1,1 @@
+"""The `mlx-xglm` command line, installed as `mlx_xglm.cli`."""

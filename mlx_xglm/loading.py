@@ -1,0 +1,171 @@
+"""From a folder or Hub repo id to a ready model: files -> weights dict -> sanitize -> XGLMForCausalLM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import XGLMError
+from .model import XGLMConfig, XGLMForCausalLM
+from .tokenizer import VOCAB_FILE, XGLMTokenizer
+
+# What a checkpoint folder needs; everything else in a Hub repository (flax, tf, rust weights) is skipped.
+HUB_ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    VOCAB_FILE,
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+]
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def resolve_model_path(
+    path_or_repo: str | Path, revision: str | None = None, allow_patterns: list[str] | None = None
+) -> Path:
+    """A local checkpoint folder, downloading `path_or_repo` from the Hub when it is a repo id."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise XGLMError(f"{path} is a file; pass the checkpoint folder that contains it")
+    name = str(path_or_repo)
+    if not _looks_like_repo_id(name):
+        raise XGLMError(f"model folder {name} does not exist")
+    return _download(name, revision, allow_patterns or HUB_ALLOW_PATTERNS)
+
+
+def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
+    except GatedRepoError:
+        raise XGLMError(
+            f"Hub repository {repo_id} is gated; accept its terms on huggingface.co and log in "
+            "with `hf auth login`"
+        ) from None
+    except RevisionNotFoundError:
+        raise XGLMError(f"revision {revision!r} not found in Hub repository {repo_id}") from None
+    except RepositoryNotFoundError:
+        raise XGLMError(f"{repo_id} is neither a local folder nor a Hub repository you can access") from None
+    except HFValidationError:
+        raise XGLMError(f"model folder {repo_id} does not exist") from None
+    except LocalEntryNotFoundError:
+        raise XGLMError(
+            f"{repo_id} is not in the local Hub cache and the Hub cannot be reached (offline); "
+            "download it once while online, or pass a local checkpoint folder"
+        ) from None
+    except OSError as e:
+        raise XGLMError(f"could not download {repo_id}: {e}") from None
+
+
+def load_config(model_path: Path) -> dict:
+    """The checkpoint's `config.json` as a dict, checked to describe an XGLM model."""
+    config_file = model_path / "config.json"
+    if not config_file.is_file():
+        raise XGLMError(f"{config_file} not found; an XGLM checkpoint folder needs its config.json")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise XGLMError(f"{config_file} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise XGLMError(f"{config_file} must hold a JSON object")
+    model_type = config.get("model_type")
+    if model_type != "xglm":
+        raise XGLMError(
+            f"{config_file} describes model_type {model_type!r}; mlx-xglm loads only 'xglm' checkpoints"
+        )
+    return config
+
+
+def weight_files(model_path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, following `model.safetensors.index.json` when present."""
+    index_file = model_path / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise XGLMError(f"{index_file} is not a valid safetensors index: {e}") from None
+        files = [model_path / name for name in dict.fromkeys(weight_map.values())]
+        for file in files:
+            if not file.is_file():
+                raise XGLMError(f"{file} is listed in {index_file.name} but missing")
+        return files
+    files = sorted(model_path.glob("*.safetensors"))
+    if not files:
+        raise XGLMError(f"no weights in {model_path}: expected model.safetensors")
+    return files
+
+
+def load_weights(model_path: Path) -> dict[str, mx.array]:
+    """All tensors of the checkpoint, lazily mapped from disk."""
+    weights = {}
+    for file in weight_files(model_path):
+        try:
+            weights.update(mx.load(str(file)))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise XGLMError(f"{file} is not a readable safetensors file ({e})") from None
+    return weights
+
+
+def check_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) -> None:
+    """Raise XGLMError naming the first missing, unexpected or mis-shaped tensor."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise XGLMError(f"{source}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise XGLMError(f"{source}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all)")
+    for name, value in weights.items():
+        if value.shape != expected[name].shape:
+            raise XGLMError(
+                f"{source}: tensor {name} has shape {tuple(value.shape)}, config.json implies "
+                f"{tuple(expected[name].shape)}"
+            )
+
+
+def load_model(model_path: Path, lazy: bool = False) -> XGLMForCausalLM:
+    """Build XGLMForCausalLM from a checkpoint folder."""
+    config = XGLMConfig.from_dict(load_config(model_path))
+    model = XGLMForCausalLM(config)
+    weights = model.sanitize(load_weights(model_path))
+    check_weights(model, weights, model_path)
+    model.load_weights(list(weights.items()))
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load(
+    path_or_repo: str | Path, revision: str | None = None, lazy: bool = False
+) -> tuple[XGLMForCausalLM, XGLMTokenizer]:
+    """Load an XGLM model and its tokenizer.
+
+    `path_or_repo` is a local checkpoint folder or a Hub repo id such as "facebook/xglm-564M";
+    `revision` picks a Hub branch, tag or PR ref; with `lazy` the weights are read from disk on first use.
+    Raises XGLMError, naming the file or tensor, for anything wrong with the checkpoint.
+    """
+    model_path = resolve_model_path(path_or_repo, revision)
+    model = load_model(model_path, lazy=lazy)
+    tokenizer = XGLMTokenizer.from_pretrained(model_path)
+    return model, tokenizer

@@ -1,0 +1,238 @@
+"""XGLM decoder in MLX: the math of transformers' XGLMModel / XGLMForCausalLM.
+
+The network reads top to bottom in the order data flows: config, positions, attention, block, model, head.
+It knows nothing about files, sampling or the terminal; `sanitize` is where checkpoint names meet modules.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .cache import KVCache
+
+# fairseq reserves rows 0 and 1 of the position table (row 1 is the padding row), so the first real token
+# reads row 2.
+POSITION_OFFSET = 2
+
+
+@dataclass
+class XGLMConfig:
+    """The fields and defaults of transformers' XGLMConfig (a checkpoint's `config.json`)."""
+
+    vocab_size: int = 256008
+    max_position_embeddings: int = 2048
+    d_model: int = 1024
+    ffn_dim: int = 4096
+    num_layers: int = 24
+    attention_heads: int = 16
+    activation_function: str = "gelu"
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    layerdrop: float = 0.0
+    init_std: float = 0.02
+    scale_embedding: bool = True
+    use_cache: bool = True
+    decoder_start_token_id: int = 2
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+
+    @classmethod
+    def from_dict(cls, config: dict) -> XGLMConfig:
+        """Build a config from a `config.json` mapping, ignoring keys XGLM does not define."""
+        fields = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in config.items() if k in fields})
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.attention_heads
+
+
+ACTIVATIONS = {
+    "gelu": nn.gelu,  # exact erf GELU, as transformers' "gelu"
+    "gelu_new": nn.gelu_approx,  # tanh approximation
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "swish": nn.silu,
+}
+
+
+def sinusoidal_table(num_positions: int, dim: int, padding_idx: int) -> np.ndarray:
+    """fairseq's sinusoid table: sin and cos halves concatenated, computed in float32 like torch."""
+    half = dim // 2
+    # fairseq divides by (half - 1), not half: the last frequency is exactly 1/10000.
+    step = math.log(10000) / (half - 1)
+    freqs = np.exp(np.arange(half, dtype=np.float32) * np.float32(-step))
+    angles = np.arange(num_positions, dtype=np.float32)[:, None] * freqs[None, :]
+    table = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    if dim % 2 == 1:
+        table = np.concatenate([table, np.zeros((num_positions, 1), np.float32)], axis=1)
+    table[padding_idx] = 0.0
+    return table
+
+
+class XGLMSinusoidalPositionalEmbedding(nn.Module):
+    """Fixed sinusoidal positions; the table grows on demand instead of failing past its size."""
+
+    def __init__(self, num_positions: int, dim: int, padding_idx: int):
+        super().__init__()
+        self.dim = dim
+        self.padding_idx = padding_idx
+        # Underscored: a buffer, not a parameter, so it is neither loaded, saved nor quantized.
+        self._table = mx.array(sinusoidal_table(num_positions + POSITION_OFFSET, dim, padding_idx))
+
+    def __call__(self, position_ids: mx.array) -> mx.array:
+        """Rows for `position_ids` (0-based token positions, any shape)."""
+        needed = int(position_ids.max().item()) + POSITION_OFFSET + 1 if position_ids.size else 0
+        if needed > self._table.shape[0]:
+            size = max(needed, 2 * self._table.shape[0])
+            self._table = mx.array(sinusoidal_table(size, self.dim, self.padding_idx))
+        return self._table[position_ids + POSITION_OFFSET]
+
+    def range(self, start: int, length: int) -> mx.array:
+        """Rows for positions start..start+length-1 without reading anything back from the device."""
+        end = start + length + POSITION_OFFSET
+        if end > self._table.shape[0]:
+            size = max(end, 2 * self._table.shape[0])
+            self._table = mx.array(sinusoidal_table(size, self.dim, self.padding_idx))
+        return self._table[start + POSITION_OFFSET : end]
+
+
+class XGLMAttention(nn.Module):
+    def __init__(self, config: XGLMConfig):
+        super().__init__()
+        d = config.d_model
+        self.num_heads = config.attention_heads
+        self.head_dim = config.head_dim
+        if self.head_dim * self.num_heads != d:
+            raise ValueError(f"d_model ({d}) must be divisible by attention_heads ({self.num_heads})")
+        self.scale = self.head_dim**-0.5
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        # The fused kernel keeps the softmax in float32 even for float16 weights (transformers #18049).
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class XGLMDecoderLayer(nn.Module):
+    """Pre-LayerNorm block: x + attn(LN(x)), then x + fc2(act(fc1(LN(x))))."""
+
+    def __init__(self, config: XGLMConfig):
+        super().__init__()
+        if config.activation_function not in ACTIVATIONS:
+            raise ValueError(
+                f"activation_function {config.activation_function!r} is not supported; "
+                f"use one of {sorted(ACTIVATIONS)}"
+            )
+        self.self_attn = XGLMAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(config.d_model, eps=1e-5)
+        self.fc1 = nn.Linear(config.d_model, config.ffn_dim)
+        self.fc2 = nn.Linear(config.ffn_dim, config.d_model)
+        self.final_layer_norm = nn.LayerNorm(config.d_model, eps=1e-5)
+        self.activation = ACTIVATIONS[config.activation_function]
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache)
+        return x + self.fc2(self.activation(self.fc1(self.final_layer_norm(x))))
+
+
+class XGLMModel(nn.Module):
+    """Token and position embeddings, the decoder layers and the final LayerNorm."""
+
+    def __init__(self, config: XGLMConfig):
+        super().__init__()
+        self.config = config
+        self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed_positions = XGLMSinusoidalPositionalEmbedding(
+            config.max_position_embeddings, config.d_model, config.pad_token_id
+        )
+        self.layers = [XGLMDecoderLayer(config) for _ in range(config.num_layers)]
+        self.layer_norm = nn.LayerNorm(config.d_model, eps=1e-5)
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache=None,
+        mask=None,
+        position_ids: mx.array | None = None,
+    ) -> mx.array:
+        """Final hidden states [B, L, d_model] for token ids [B, L].
+
+        `cache` is a list of per-layer caches (or None); `mask` an additive attention mask broadcastable
+        to [B, heads, L, S], or None for plain causal attention; `position_ids` [B, L] 0-based positions,
+        by default counting on from the cache's offset.
+        """
+        cache = cache if cache is not None else [None] * len(self.layers)
+        h = self.embed_tokens(inputs) * self.embed_scale
+        if position_ids is None:
+            offset = cache[0].offset if cache[0] is not None else 0
+            positions = self.embed_positions.range(offset, inputs.shape[1])
+        else:
+            positions = self.embed_positions(position_ids)
+        h = h + positions.astype(h.dtype)
+        if mask is None and inputs.shape[1] > 1:
+            mask = "causal"
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            h = layer(h, mask, layer_cache)
+        return self.layer_norm(h)
+
+
+class XGLMForCausalLM(nn.Module):
+    """XGLMModel plus the language-model head, tied to the token embedding."""
+
+    def __init__(self, config: XGLMConfig):
+        super().__init__()
+        self.config = config
+        self.model_type = "xglm"
+        self.model = XGLMModel(config)
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache=None,
+        mask=None,
+        position_ids: mx.array | None = None,
+    ) -> mx.array:
+        """Logits [B, L, vocab_size] for token ids [B, L]; see `XGLMModel.__call__` for the options."""
+        h = self.model(inputs, cache=cache, mask=mask, position_ids=position_ids)
+        return self.model.embed_tokens.as_linear(h)
+
+    @property
+    def layers(self) -> list[XGLMDecoderLayer]:
+        return self.model.layers
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map checkpoint tensor names to module names.
+
+        Drops the saved sinusoid table (recomputed here) and `lm_head.weight` (tied to the embedding);
+        adds the `model.` prefix that checkpoints of the bare XGLMModel lack.
+        """
+        out = {}
+        for name, value in weights.items():
+            if name == "lm_head.weight" or name.endswith("embed_positions.weights"):
+                continue
+            if not name.startswith("model."):
+                name = "model." + name
+            out[name] = value
+        return out

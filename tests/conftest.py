@@ -1,0 +1,58 @@
+"""Shared fixtures: the trained tokenizer model and tiny checkpoints in the Hub layout."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from xglm_fixtures import build_checkpoint, train_sentencepiece  # noqa: E402
+
+# Never reach the network from tests, whatever the machine allows.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory) -> Path:
+    return train_sentencepiece(tmp_path_factory.mktemp("spm") / "sentencepiece.bpe.model")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, sp_model) -> Path:
+    """The default tiny model: 2 layers, d_model 64, 4 heads, gelu, scaled embeddings."""
+    return build_checkpoint(tmp_path_factory.mktemp("tiny"), sp_model)
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory, sp_model):
+    """Build another tiny checkpoint: make_checkpoint(seed=..., **config_overrides)."""
+
+    def make(seed: int = 0, **overrides) -> Path:
+        return build_checkpoint(tmp_path_factory.mktemp("ckpt"), sp_model, seed=seed, **overrides)
+
+    return make
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With MLX_XGLM_REQUIRE_REFERENCE=1 (CI), a skipped reference-parity test is a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if (
+        report.skipped
+        and item.get_closest_marker("reference")
+        and os.environ.get("MLX_XGLM_REQUIRE_REFERENCE") == "1"
+    ):
+        report.outcome = "failed"
+        report.longrepr = f"reference-parity test skipped in CI: {report.longrepr}"
+
+
+@pytest.fixture(scope="session")
+def transformers():
+    """transformers 4.56, the reference implementation (dev extra)."""
+    return pytest.importorskip("transformers")
