@@ -1,4 +1,8 @@
-"""Entry point of the `mlx-xglm` command: parses arguments and hands off to a subcommand."""
+"""Entry point of the `mlx-xglm` command: parses arguments and hands off to a subcommand.
+
+Each subcommand is a module in this package with `register(subparsers)`, which adds its parser and sets
+`run=function(args) -> exit code` as the parser's default.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import sys
 
 from mlx_xglm import XGLMError, __version__
 
+COMMANDS: list[str] = []
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -15,7 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run Meta's XGLM multilingual language models with MLX.",
     )
     parser.add_argument("--version", action="version", version=f"mlx-xglm {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = __import__(f"{__package__}.{name}", fromlist=["register"])
+        module.register(subparsers)
     return parser
 
 
