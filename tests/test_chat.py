@@ -1,0 +1,141 @@
+"""`mlx-xglm chat`: the cached transcript, and the session driven through a pseudo-terminal."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+
+import pexpect
+import pytest
+from mlx_xglm.cli.conversation import Conversation
+
+from mlx_xglm import XGLMError, load, make_prompt_cache, stream_generate
+
+CLI = [sys.executable, "-m", "mlx_xglm.cli"]
+STATS = re.compile(rb"\[prompt: (\d+) tokens")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    model, tokenizer = load(tiny_checkpoint)
+    return tiny_checkpoint, model, tokenizer
+
+
+def turn_ids(tokenizer, message, template="User: {message}\nAssistant:"):
+    return tokenizer.encode(template.replace("{message}", message), add_special_tokens=False, newlines="eos")
+
+
+def test_transcript_is_written_with_eos_between_lines(tiny):
+    _, model, tokenizer = tiny
+    conversation = Conversation(model, tokenizer)
+    list(conversation.reply("Bonjour", max_tokens=5))
+    ids = conversation.transcript_ids
+    expected_start = [tokenizer.eos_token_id, *turn_ids(tokenizer, "Bonjour")]
+    assert ids[: len(expected_start)] == expected_start
+    assert ids[-1] == tokenizer.eos_token_id  # the reply's line is closed
+
+
+def test_second_turn_reads_only_its_new_text(tiny):
+    _, model, tokenizer = tiny
+    conversation = Conversation(model, tokenizer)
+    first = list(conversation.reply("Bonjour", max_tokens=6))
+    assert first[-1].prompt_tokens == 1 + len(turn_ids(tokenizer, "Bonjour"))
+    before = conversation.transcript_ids
+    unread = len(conversation.pending)
+    second = list(conversation.reply("How are you?", max_tokens=6))
+    assert second[-1].prompt_tokens == unread + len(turn_ids(tokenizer, "How are you?"))
+    assert unread <= 1
+
+    # The reply equals the one an uncached run over the whole transcript gives.
+    whole = before + turn_ids(tokenizer, "How are you?")
+    fresh = list(stream_generate(model, tokenizer, whole, 6, prompt_cache=make_prompt_cache(model)))
+    assert [r.token for r in second] == [r.token for r in fresh]
+
+
+def test_closing_a_reply_early_keeps_it_in_the_transcript(tiny):
+    _, model, tokenizer = tiny
+    conversation = Conversation(model, tokenizer)
+    responses = conversation.reply("Bonjour", max_tokens=50)
+    kept = [next(responses).token for _ in range(3)]
+    responses.close()
+    ids = conversation.transcript_ids
+    assert ids[-4:] == [*kept, tokenizer.eos_token_id]
+    assert conversation.cache[0].offset == len(conversation.cached)
+
+
+def test_reset_starts_a_new_document(tiny):
+    _, model, tokenizer = tiny
+    conversation = Conversation(model, tokenizer)
+    list(conversation.reply("Bonjour", max_tokens=4))
+    conversation.reset()
+    again = list(conversation.reply("Bonjour", max_tokens=4))
+    assert again[-1].prompt_tokens == 1 + len(turn_ids(tokenizer, "Bonjour"))
+
+
+def test_template_needs_one_message_placeholder(tiny):
+    _, model, tokenizer = tiny
+    with pytest.raises(XGLMError, match=r"--template must contain \{message\}"):
+        Conversation(model, tokenizer, template="Q: A:")
+
+
+def expected_prompt_counts(model, tokenizer, messages, max_tokens):
+    """Prompt tokens of each turn, from the same conversation run in this process."""
+    conversation = Conversation(model, tokenizer)
+    return [list(conversation.reply(m, max_tokens=max_tokens))[-1].prompt_tokens for m in messages]
+
+
+@pytest.fixture
+def chat(tiny, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLX_XGLM_DEBUG"}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TERM="xterm")
+    args = ["chat", "--model", str(tiny[0]), "--max-tokens", "8"]
+    child = pexpect.spawn(CLI[0], [*CLI[1:], *args], env=env, timeout=60, dimensions=(40, 200))
+    child.logfile_read = io.BytesIO()
+    child.expect("/help")
+    yield child
+    child.close(force=True)
+
+
+def turn(child, message) -> int:
+    child.expect_exact("User: ")
+    child.sendline(message)
+    child.expect(STATS)
+    return int(child.match.group(1))
+
+
+def test_chat_two_turns_reset_and_quit(tiny, chat):
+    _, model, tokenizer = tiny
+    first, second = expected_prompt_counts(model, tokenizer, ["Bonjour", "Encore"], 8)
+    assert turn(chat, "Bonjour") == first
+    assert turn(chat, "Encore") == second
+    assert second <= 1 + len(turn_ids(tokenizer, "Encore"))  # the first turn was not read again
+    chat.expect_exact("User: ")
+    chat.sendline("/reset")
+    chat.expect_exact("(conversation reset)")
+    assert turn(chat, "Bonjour") == first
+    chat.expect_exact("User: ")
+    chat.sendline("/quit")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+@pytest.mark.parametrize("leave", ["q", "ctrl-d"])
+def test_chat_quits_with_q_and_ctrl_d(chat, leave):
+    chat.expect_exact("User: ")
+    if leave == "q":
+        chat.sendline("q")
+    else:
+        chat.sendeof()
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_chat_help_lists_the_commands(chat):
+    chat.expect_exact("User: ")
+    chat.sendline("/help")
+    chat.expect_exact("/reset")
+    chat.expect_exact("/quit")
