@@ -89,8 +89,16 @@ class XGLMTokenizer:
         """The pieces of `text`, special tokens kept whole; no leading `</s>`."""
         return self.convert_ids_to_tokens(self.encode(text, add_special_tokens=False))
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Ids of `text`; with `add_special_tokens` the sequence starts with `</s>` (id 2), as fairseq's."""
+    def encode(self, text: str, add_special_tokens: bool = True, newlines: str = "space") -> list[int]:
+        """Ids of `text`; with `add_special_tokens` the sequence starts with `</s>` (id 2), as fairseq's.
+
+        `newlines="space"` (transformers) lets sentencepiece turn a newline into a space; `newlines="eos"`
+        encodes each newline as `</s>`, the way XGLM saw line breaks in training.
+        """
+        if newlines == "eos":
+            text = text.replace("\r\n", "\n").replace("\n", self.eos_token)
+        elif newlines != "space":
+            raise ValueError(f"newlines must be 'space' or 'eos', got {newlines!r}")
         ids = [self.eos_token_id] if add_special_tokens else []
         for part in self._split_special(text):
             if part in self.special_tokens_to_ids:
