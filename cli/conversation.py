@@ -122,6 +122,11 @@ class Conversation:
         read = self.cache[0].offset
         held = (self.cached + ids + generated)[:read]
         keep = _common_prefix(held, wanted)
-        for layer in self.cache:
-            layer.trim(read - keep)
-        self.cached, self.pending = wanted[:keep], wanted[keep:]
+        if all(layer.is_trimmable() for layer in self.cache):
+            for layer in self.cache:
+                layer.trim(read - keep)
+            self.cached, self.pending = wanted[:keep], wanted[keep:]
+        else:
+            # A rotating cache that has wrapped cannot forget its newest tokens: go on from what it holds.
+            self.cached = held
+            self.pending = [] if held[-1:] == [eos] else [eos]

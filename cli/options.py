@@ -45,15 +45,34 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument(
-        "--max-tokens", "-m", type=int, default=max_tokens, help=f"tokens to generate (default: {max_tokens})"
+        "--max-tokens",
+        "-m",
+        type=int,
+        metavar="N",
+        default=max_tokens,
+        help=f"tokens to generate (default: {max_tokens})",
     )
-    group.add_argument("--temp", type=float, default=0.0, help="temperature; 0 picks the likeliest token")
-    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
-    group.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (default: 0, off)")
-    group.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top one")
-    group.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     group.add_argument(
-        "--repetition-penalty", type=float, default=None, help="penalty > 1 for recently used tokens"
+        "--temp", type=float, metavar="T", default=0.0, help="temperature; 0 picks the likeliest token"
+    )
+    group.add_argument(
+        "--top-p", type=float, metavar="P", default=1.0, help="nucleus sampling mass (default: 1.0, off)"
+    )
+    group.add_argument(
+        "--top-k", type=int, metavar="K", default=0, help="keep the k likeliest tokens (default: 0, off)"
+    )
+    group.add_argument(
+        "--min-p", type=float, metavar="P", default=0.0, help="drop tokens below min-p x the top one"
+    )
+    group.add_argument(
+        "--seed", type=int, metavar="N", default=None, help="random seed, for reproducible sampling"
+    )
+    group.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        metavar="R",
+        help="penalty > 1 for recently used tokens",
     )
     group.add_argument(
         "--max-kv-size",

@@ -74,6 +74,28 @@ def test_reset_starts_a_new_document(tiny):
     assert again[-1].prompt_tokens == 1 + len(turn_ids(tokenizer, "Bonjour"))
 
 
+def test_bounded_cache_keeps_the_conversation_going(tiny):
+    _, model, tokenizer = tiny
+    conversation = Conversation(model, tokenizer, max_kv_size=12)
+    for message in ["Bonjour", "Encore une fois", "Et puis"]:
+        replies = list(conversation.reply(message, max_tokens=6))
+        assert replies and replies[-1].finish_reason is not None
+        assert conversation.cache[0].offset == len(conversation.cached)
+
+
+def test_reply_ends_at_the_user_marker(tiny):
+    _, model, tokenizer = tiny
+    answer = "".join(r.text for r in Conversation(model, tokenizer).reply("Bonjour", max_tokens=12))
+    marker = answer[len(answer) // 2 :][:2]
+    conversation = Conversation(model, tokenizer)
+    conversation.user_marker = marker  # a marker the model is about to write
+    text = "".join(r.text for r in conversation.reply("Bonjour", max_tokens=12))
+    assert text == answer[: answer.index(marker)]
+    reply_ids = tokenizer.encode(text, add_special_tokens=False)
+    assert conversation.transcript_ids[-len(reply_ids) - 1 :] == [*reply_ids, tokenizer.eos_token_id]
+    assert conversation.cache[0].offset == len(conversation.cached)
+
+
 def test_template_needs_one_message_placeholder(tiny):
     _, model, tokenizer = tiny
     with pytest.raises(XGLMError, match=r"--template must contain \{message\}"):
