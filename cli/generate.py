@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from itertools import chain
 from pathlib import Path
 
 from mlx_xglm import XGLMError, load_prompt_cache, make_prompt_cache, save_prompt_cache, stream_generate
@@ -101,13 +102,13 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
+    cache_file = Path(args.prompt_cache_file) if args.prompt_cache_file else None
+    if cache_file is not None and cache_file.suffix != ".safetensors":
+        raise XGLMError(f"--prompt-cache-file {cache_file} must end in .safetensors")
     renderer = Renderer(quiet=args.quiet or args.json)
     sampling = sampling_from(args)
     model, tokenizer, load_seconds = load_model(args.model, renderer.spinner)
 
-    cache_file = Path(args.prompt_cache_file) if args.prompt_cache_file else None
-    if cache_file is not None and cache_file.suffix != ".safetensors":
-        raise XGLMError(f"--prompt-cache-file {cache_file} must end in .safetensors")
     if cache_file is not None and cache_file.exists():
         cache = load_prompt_cache(cache_file)
     else:
@@ -115,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
     cached_tokens = cache[0].offset
     # A continued cached prompt must not get the `</s>` that XGLM puts at the start of a document.
     ids = tokenizer.encode(prompt, add_special_tokens=cached_tokens == 0, newlines=args.newlines)
-
     responses = stream_generate(
         model,
         tokenizer,
@@ -126,30 +126,29 @@ def run(args: argparse.Namespace) -> int:
         newlines=args.newlines,
         **sampling,
     )
+
     text, tokens, last, status = [], [], None, 0
     try:
         with renderer.spinner(f"Reading the prompt ({len(ids)} tokens)"):
-            last = next(responses, None)
-        while last is not None:
+            first = next(responses, None)
+        for last in chain([first] if first else [], responses):
             text.append(last.text)
             tokens.append(last.token)
             if not args.json:
                 renderer.write(last.text)
-            if last.finish_reason:
-                break
-            last = next(responses, None)
     except KeyboardInterrupt:
         status = 130
     finish = "interrupted" if status else getattr(last, "finish_reason", None)
 
     if cache_file is not None and cached_tokens == 0 and not status:
         save_prompt_only(cache_file, cache, len(ids), {"model": args.model, "newlines": args.newlines})
-
     if args.json:
         print(json.dumps(result_object("".join(text), tokens, finish, last), ensure_ascii=False))
-        return status
-    renderer.end_line()
-    if last is not None:
+    elif last is None:
+        renderer.footer(
+            [f"Prompt: {len(ids)} tokens, {'interrupted while reading it' if status else 'read'}"]
+        )
+    else:
         lines = footer_lines(last)
         if args.verbose:
             lines += [

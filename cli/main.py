@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from mlx_xglm import XGLMError, __version__
 
@@ -45,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Library warnings (an untied head, say) read like the errors: one line, no source location.
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:

@@ -65,10 +65,10 @@ class Renderer:
             self.write("\n")
 
     def footer(self, lines: list[str]) -> None:
-        """Stats after the text: on stdout when it is a terminal, otherwise on stderr."""
+        """End the text's line, then the stats: on stdout when it is a terminal, otherwise on stderr."""
+        self.end_line()
         if self.quiet:
             return
-        self.end_line()
         console = self.out if self.interactive else self.err
         for line in [RULE, *lines]:
             console.print(line, style="dim", markup=False)

@@ -132,9 +132,10 @@ def test_piped_stdout_is_plain_text_and_the_footer_goes_to_stderr(tiny, mlx_xglm
 
 
 def test_quiet_prints_only_the_text(tiny, mlx_xglm):
-    path, *_ = tiny
+    path, model, tokenizer = tiny
     out = mlx_xglm("generate", "--model", path, "--prompt", PROMPT, "-m", 5, "--quiet")
-    assert out.returncode == 0 and out.stdout and out.stderr == b""
+    assert out.returncode == 0 and out.stderr == b""
+    assert out.stdout.decode() == api_text(model, tokenizer, PROMPT, 5) + "\n"
 
 
 def test_prompt_cache_file_is_written_then_continued(tiny, mlx_xglm, tmp_path):
