@@ -112,12 +112,13 @@ def load_model(name: str, spinner) -> tuple:
     A Hub repo id that is not in the local cache while offline gets a hint to pass a local folder.
     """
     start = time.perf_counter()
+    # Outside the spinner: a download shows huggingface_hub's own progress bars.
+    try:
+        path = resolve_model_path(name)
+    except XGLMError as e:
+        if isinstance(e.__context__, LocalEntryNotFoundError):
+            raise XGLMError(f"{e} (--model PATH)") from None
+        raise
     with spinner(f"Loading {name}"):
-        try:
-            path = resolve_model_path(name)
-        except XGLMError as e:
-            if isinstance(e.__context__, LocalEntryNotFoundError):
-                raise XGLMError(f"{e} (--model PATH)") from None
-            raise
         model, tokenizer = load(path)
     return model, tokenizer, time.perf_counter() - start

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 import sys
 
 import pexpect
@@ -161,3 +162,21 @@ def test_chat_help_lists_the_commands(chat):
     chat.sendline("/help")
     chat.expect_exact("/reset")
     chat.expect_exact("/quit")
+
+
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLX_XGLM_DEBUG"}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TERM="xterm")
+    args = ["chat", "--model", str(tiny[0]), "--max-tokens", "100000"]
+    child = pexpect.spawn(CLI[0], [*CLI[1:], *args], env=env, timeout=60, dimensions=(40, 200))
+    child.expect_exact("User: ")
+    child.sendline("Bonjour")
+    child.expect(r"Assistant: \S{5}")
+    child.kill(signal.SIGINT)
+    child.expect(r"\^C\r\n\S*\[prompt: \d+ tokens, [\d.]+ tokens-per-sec \| generation: (\d+) tokens")
+    assert 0 < int(child.match.group(1)) < 100000
+    child.expect_exact("User: ")  # the chat goes on
+    child.kill(signal.SIGINT)  # at the prompt: leave
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130
