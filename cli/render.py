@@ -7,21 +7,29 @@ not a terminal.
 
 from __future__ import annotations
 
+import io
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stdout
 
 from rich.console import Console
+
+from mlx_xglm.generate import print_stats
 
 RULE = "=" * 10
 
 
 def footer_lines(response) -> list[str]:
     """The footer of mlx-lm's verbose generate, which users and scripts parse, for a final response."""
-    return [
-        f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec",
-        f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec",
-        f"Peak memory: {response.peak_memory:.3f} GB",
-    ]
+    # print_stats is the one place the footer's wording lives; here it is routed to rich instead of stdout.
+    with redirect_stdout(io.StringIO()) as printed:
+        print_stats(
+            response.prompt_tokens,
+            response.prompt_tps,
+            response.generation_tokens,
+            response.generation_tps,
+            response.peak_memory,
+        )
+    return printed.getvalue().splitlines()
 
 
 def turn_stats(response) -> str:

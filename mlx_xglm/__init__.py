@@ -2,9 +2,13 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .batch import batch_generate
+from .cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 from .errors import XGLMError
+from .generate import generate, generate_step, stream_generate
 from .loading import load
 from .model import XGLMConfig, XGLMForCausalLM, XGLMModel
+from .sample_utils import make_logits_processors, make_sampler
 from .tokenizer import XGLMTokenizer
 
 try:
@@ -19,5 +23,14 @@ __all__ = [
     "XGLMModel",
     "XGLMTokenizer",
     "__version__",
+    "batch_generate",
+    "generate",
+    "generate_step",
     "load",
+    "load_prompt_cache",
+    "make_logits_processors",
+    "make_prompt_cache",
+    "make_sampler",
+    "save_prompt_cache",
+    "stream_generate",
 ]

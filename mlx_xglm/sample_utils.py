@@ -14,7 +14,8 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
-def _greedy(logprobs: mx.array) -> mx.array:
+def greedy(logprobs: mx.array) -> mx.array:
+    """The most likely token of each row: the sampler at temperature 0."""
     return mx.argmax(logprobs, axis=-1)
 
 
@@ -72,7 +73,7 @@ def make_sampler(
     if not (isinstance(min_tokens_to_keep, int) and min_tokens_to_keep >= 1):
         raise ValueError(f"min_tokens_to_keep must be an integer >= 1, got {min_tokens_to_keep}")
     if temp == 0:
-        return _greedy
+        return greedy
 
     @partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
     def sample(logprobs: mx.array) -> mx.array:
