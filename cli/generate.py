@@ -111,6 +111,12 @@ def run(args: argparse.Namespace) -> int:
 
     if cache_file is not None and cache_file.exists():
         cache = load_prompt_cache(cache_file)
+        kept = getattr(cache[0], "max_size", None)
+        if args.max_kv_size is not None and args.max_kv_size != kept:
+            raise XGLMError(
+                f"{cache_file} holds a cache with max_kv_size {kept}; --max-kv-size {args.max_kv_size} "
+                "cannot change it: drop the flag or use another --prompt-cache-file"
+            )
     else:
         cache = make_prompt_cache(model, max_kv_size=args.max_kv_size)
     cached_tokens = cache[0].offset

@@ -6,6 +6,7 @@ import io
 import os
 import re
 import signal
+import subprocess
 import sys
 
 import pexpect
@@ -101,6 +102,21 @@ def test_template_needs_one_message_placeholder(tiny):
     _, model, tokenizer = tiny
     with pytest.raises(XGLMError, match=r"--template must contain \{message\}"):
         Conversation(model, tokenizer, template="Q: A:")
+
+
+def test_chat_reads_turns_from_a_pipe(tiny, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLX_XGLM_DEBUG"}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    out = subprocess.run(
+        [*CLI, "chat", "--model", str(tiny[0]), "-m", "4"],
+        input=b"Bonjour\n/reset\nEncore\n",
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr  # end of input leaves like Ctrl-D
+    assert b"\x1b" not in out.stdout
+    assert len(STATS.findall(out.stdout)) == 2 and b"(conversation reset)" in out.stdout
 
 
 def expected_prompt_counts(model, tokenizer, messages, max_tokens):

@@ -163,6 +163,16 @@ def test_prompt_cache_file_is_written_then_continued(tiny, mlx_xglm, tmp_path):
     assert result["text"] == api_text(model, tokenizer, PROMPT + " is here", 15)
 
 
+def test_max_kv_size_cannot_change_a_saved_prompt_cache(tiny, mlx_xglm, tmp_path):
+    path, *_ = tiny
+    cache_file = tmp_path / "prompt.safetensors"
+    mlx_xglm("generate", "--model", path, "--prompt", PROMPT, "-m", 1, "--prompt-cache-file", cache_file)
+    out = mlx_xglm(
+        "generate", "--model", path, "-p", "more", "--prompt-cache-file", cache_file, "--max-kv-size", 8
+    )
+    assert_one_error_line(out, "prompt.safetensors", "--max-kv-size 8")
+
+
 def test_max_kv_size_matches_the_python_api(tiny, mlx_xglm):
     path, model, tokenizer = tiny
     out = mlx_xglm("generate", "--model", path, "--prompt", PROMPT, "-m", 40, "--max-kv-size", 16)
@@ -188,6 +198,14 @@ def assert_one_error_line(out, *fragments):
     for fragment in fragments:
         assert fragment in err
     assert out.stdout == b""
+
+
+def test_no_prompt_on_a_terminal_is_a_usage_error(tiny, cli_env):
+    child = pexpect.spawn(CLI[0], [*CLI[1:], "generate", "--model", str(tiny[0])], env=cli_env, timeout=30)
+    child.expect("usage: mlx-xglm generate")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 2
 
 
 def test_missing_model_folder(mlx_xglm, tmp_path):
@@ -249,6 +267,7 @@ def test_ctrl_c_keeps_the_text_prints_the_stats_and_exits_130(tiny, cli_env):
     args = ["generate", "--model", str(tiny[0]), "--prompt", PROMPT, "--max-tokens", "100000", "--temp", "1"]
     child = pexpect.spawn(CLI[0], [*CLI[1:], *args], env=cli_env, timeout=60)
     child.logfile_read = io.BytesIO()
+    child.expect_exact("Reading the prompt")
     child.expect_exact("\x1b[?25h")  # the spinner is done
     child.expect(r"\w+ \w+ \w+")  # and text is streaming
     child.kill(signal.SIGINT)
