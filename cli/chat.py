@@ -65,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
         try:
             line = input(conversation.user_prompt)
         except EOFError:
-            renderer.end_line()
             print()
             return 0
         except KeyboardInterrupt:
@@ -84,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         elif command.startswith("/"):
             renderer.note(f"unknown command {command}; /help lists the commands")
         else:
-            answer(conversation, line, renderer, args.max_tokens, sampling)
+            answer(conversation, command, renderer, args.max_tokens, sampling)
 
 
 def answer(conversation: Conversation, message: str, renderer: Renderer, max_tokens: int, sampling) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from mlx_xglm import XGLMError, make_prompt_cache, stream_generate
+from mlx_xglm.generate import GenerationResponse
 
 DEFAULT_TEMPLATE = "User: {message}\nAssistant:"
 PLACEHOLDER = "{message}"
@@ -76,7 +77,7 @@ class Conversation:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False, newlines="eos")
 
-    def reply(self, message: str, max_tokens: int = 256, **kwargs) -> Iterator:
+    def reply(self, message: str, max_tokens: int = 256, **kwargs) -> Iterator[GenerationResponse]:
         """Stream the answer to `message` as stream_generate's responses; `kwargs` go to stream_generate.
 
         Close the iterator when stopping early (Ctrl-C): the transcript keeps what was generated.
