@@ -8,7 +8,15 @@ from contextlib import closing
 from itertools import chain
 
 from .conversation import DEFAULT_TEMPLATE, Conversation, split_template
-from .options import add_model_args, add_sampling_args, help_formatter, load_model, sampling_from, unescape
+from .options import (
+    add_model_args,
+    add_sampling_args,
+    help_formatter,
+    load_model,
+    sampling_from,
+    seed_from,
+    unescape,
+)
 from .render import Renderer, turn_stats
 
 EXAMPLES = r"""
@@ -57,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     split_template(template)
     model, tokenizer, _ = load_model(args.model, renderer.spinner)
     conversation = Conversation(model, tokenizer, template, max_kv_size=args.max_kv_size)
+    seed_from(args)
     if sys.stdin.isatty():
         # Importing readline gives input() line editing and history.
         import readline  # noqa: F401

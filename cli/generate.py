@@ -10,7 +10,15 @@ from pathlib import Path
 
 from mlx_xglm import XGLMError, load_prompt_cache, make_prompt_cache, save_prompt_cache, stream_generate
 
-from .options import add_model_args, add_sampling_args, help_formatter, load_model, sampling_from, unescape
+from .options import (
+    add_model_args,
+    add_sampling_args,
+    help_formatter,
+    load_model,
+    sampling_from,
+    seed_from,
+    unescape,
+)
 from .render import Renderer, footer_lines
 
 EXAMPLES = """\
@@ -122,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     cached_tokens = cache[0].offset
     # A continued cached prompt must not get the `</s>` that XGLM puts at the start of a document.
     ids = tokenizer.encode(prompt, add_special_tokens=cached_tokens == 0, newlines=args.newlines)
+    seed_from(args)
     responses = stream_generate(
         model,
         tokenizer,

@@ -94,9 +94,13 @@ def sampling_from(args: argparse.Namespace) -> dict:
         processors = make_logits_processors(repetition_penalty=args.repetition_penalty)
     except ValueError as e:
         raise XGLMError(_name_flag(str(e))) from None
+    return {"sampler": sampler, "logits_processors": processors}
+
+
+def seed_from(args: argparse.Namespace) -> None:
+    """Seed MLX's generator with --seed; call it after loading, which draws random initial weights."""
     if args.seed is not None:
         mx.random.seed(args.seed)
-    return {"sampler": sampler, "logits_processors": processors}
 
 
 def _name_flag(message: str) -> str:

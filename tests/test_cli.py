@@ -13,6 +13,7 @@ import sys
 import mlx.core as mx
 import pexpect
 import pytest
+from xglm_fixtures import hub_config, random_weights
 
 from mlx_xglm import __version__, generate, load, make_logits_processors, make_prompt_cache, make_sampler
 
@@ -66,15 +67,29 @@ def test_generate_prints_the_text_the_python_api_generates(tiny, mlx_xglm):
     assert expected and out.stdout.decode() == expected + "\n"
 
 
-def test_sampling_flags_match_the_python_api(tiny, mlx_xglm):
-    path, model, tokenizer = tiny
+@pytest.fixture(scope="module")
+def flat(make_checkpoint):
+    """A checkpoint with flat next-token distributions, so that sampling settings change the text."""
+    weights = random_weights(hub_config(), seed=1)
+    weights["model.layer_norm.weight"] *= 0.05
+    weights["model.layer_norm.bias"] *= 0.05
+    path = make_checkpoint(weights=weights)
+    return (path, *load(path))
+
+
+def test_sampling_flags_match_the_python_api(flat, mlx_xglm):
+    path, model, tokenizer = flat
     flags = ["--temp", 0.8, "--top-p", 0.9, "--top-k", 50, "--min-p", 0.01, "--repetition-penalty", 1.3]
-    out = mlx_xglm("generate", "--model", path, "--prompt", PROMPT, "-m", 25, "--seed", 7, *flags)
-    assert out.returncode == 0, out.stderr
+    texts = {}
+    for seed in (7, 8):
+        out = mlx_xglm("generate", "--model", path, "--prompt", PROMPT, "-m", 25, "--seed", seed, *flags)
+        assert out.returncode == 0, out.stderr
+        texts[seed] = out.stdout.decode()
+    assert texts[7] != texts[8]
     sampler = make_sampler(temp=0.8, top_p=0.9, top_k=50, min_p=0.01)
     processors = make_logits_processors(repetition_penalty=1.3)
     expected = api_text(model, tokenizer, PROMPT, 25, seed=7, sampler=sampler, logits_processors=processors)
-    assert out.stdout.decode() == expected + "\n"
+    assert texts[7] == expected + "\n"
 
 
 def test_newlines_eos_and_escaped_newlines_in_the_prompt(tiny, mlx_xglm):
