@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .convert import convert
 from .errors import XGLMError
 from .loading import load
 from .model import XGLMConfig, XGLMForCausalLM, XGLMModel
@@ -19,5 +20,6 @@ __all__ = [
     "XGLMModel",
     "XGLMTokenizer",
     "__version__",
+    "convert",
     "load",
 ]

@@ -30,7 +30,7 @@ Predicate = Callable[[str, nn.Module], "bool | dict"]
 
 
 def quant_settings(bits: int | None = None, group_size: int | None = None, mode: str = "affine") -> dict:
-    """`{"group_size", "bits", "mode"}` checked against what `mode` supports; None takes the mode's default."""
+    """`{"group_size", "bits", "mode"}` checked against what `mode` supports; None: the mode's default."""
     if mode not in MODES:
         raise XGLMError(f"--q-mode {mode!r} is not supported; use one of {', '.join(MODES)}")
     all_bits, all_groups, default_bits, default_group = MODES[mode]
