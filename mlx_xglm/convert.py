@@ -110,7 +110,7 @@ def convert(
         check_weights(model, {new: tensors[old] for new, old in names.items()}, source)
     plan = {}
     if settings is not None:
-        predicate = resolve_predicate(quant_predicate, settings, model.config.num_layers)
+        predicate, settings = resolve_predicate(quant_predicate, settings, model.config.num_layers)
         plan = quantization_plan(model, settings, predicate, embed_bits)
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def convert(
         weights, n_params = _convert_tensors(tensors, names, config, plan, out_dtype, console)
         if dequantize:
             check_weights(model, weights, source)
-        config = _output_config(config, weights, settings, plan, dequantize)
+        config = _output_config(config, weights, settings, plan)
         weight_bytes = _save_weights(work, weights, max_shard_size)
         _copy_side_files(source, work, config)
         (work / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -157,15 +157,19 @@ def _convert_tensors(tensors, names, config, plan, dtype, console) -> tuple[dict
     stored_paths = {new[: -len(".scales")] for new in names if new.endswith(".scales")}
     out, n_params = {}, 0
     progress = Progress(
-        TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
     )
     with progress:
         for new in progress.track(list(names), description="converting"):
             path, _, leaf = new.rpartition(".")
-            if path in stored_paths and leaf != "weight":
+            if path in stored_paths and leaf in ("scales", "biases"):
                 continue
             value = _read(tensors.pop(names[new]))
-            if path in stored_paths:
+            if path in stored_paths and leaf == "weight":
                 parts = {"weight": value, "scales": _read(tensors.pop(names[f"{path}.scales"]))}
                 if f"{path}.biases" in names:
                     parts["biases"] = _read(tensors.pop(names[f"{path}.biases"]))
@@ -176,8 +180,8 @@ def _convert_tensors(tensors, names, config, plan, dtype, console) -> tuple[dict
             if leaf == "weight" and path in plan:
                 quantized = mx.quantize(value, **plan[path])
                 # affine returns (weight, scales, biases); the fp modes have no biases.
-                leaves = ("weight", "scales", "biases")[: len(quantized)]
-                written = {f"{path}.{leaf}": q for leaf, q in zip(leaves, quantized, strict=True)}
+                parts = ("weight", "scales", "biases")[: len(quantized)]
+                written = {f"{path}.{part}": q for part, q in zip(parts, quantized, strict=True)}
             else:
                 written = {new: value}
             mx.eval(list(written.values()))
@@ -189,7 +193,7 @@ def _read(value) -> mx.array:
     return value.load() if isinstance(value, TorchTensor) else value
 
 
-def _output_config(config: dict, weights: dict, settings, plan, dequantize: bool) -> dict:
+def _output_config(config: dict, weights: dict, settings, plan) -> dict:
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     embed = weights.get("model.embed_tokens.scales", weights.get("model.embed_tokens.weight"))
     if embed is not None and mx.issubdtype(embed.dtype, mx.floating):

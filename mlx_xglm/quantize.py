@@ -73,16 +73,19 @@ def mixed_recipe(low_bits: int, high_bits: int, num_layers: int, group_size: int
     return predicate
 
 
-def resolve_predicate(quant_predicate: str | Predicate | None, settings: dict, num_layers: int):
-    """A recipe name or a callable `(path, module) -> bool | dict` as a callable (or None)."""
+def resolve_predicate(
+    quant_predicate: str | Predicate | None, settings: dict, num_layers: int
+) -> tuple[Predicate | None, dict]:
+    """A recipe name or a callable `(path, module) -> bool | dict` as a callable (or None), and the
+    default settings, which a recipe sets to its low bits."""
     if quant_predicate is None or callable(quant_predicate):
-        return quant_predicate
+        return quant_predicate, settings
     if quant_predicate not in RECIPES:
         raise XGLMError(f"--quant-predicate {quant_predicate!r} is unknown; use one of {', '.join(RECIPES)}")
     if settings["mode"] != "affine":
         raise XGLMError(f"--quant-predicate {quant_predicate} mixes affine bit widths; use --q-mode affine")
     low, high = RECIPES[quant_predicate]
-    return mixed_recipe(low, high, num_layers, settings["group_size"])
+    return mixed_recipe(low, high, num_layers, settings["group_size"]), {**settings, "bits": low}
 
 
 def quantization_plan(
