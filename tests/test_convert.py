@@ -1,4 +1,4 @@
-"""convert(): round trips through dtypes and quantization, output layout, safety, Hub input and upload, CLI."""
+"""convert(): round trips through dtypes and quantization, output layout, safety, the Hub, the CLI."""
 
 import json
 import os
