@@ -72,7 +72,7 @@ class TorchTensor:
         view = np.lib.stride_tricks.as_strided(
             data[self.offset :], self.shape, [s * itemsize for s in self.stride], writeable=False
         )
-        array = mx.array(np.ascontiguousarray(view))
+        array = mx.array(view.copy())
         return array.view(mx.bfloat16) if self.storage.kind == "BFloat16Storage" else array
 
 
@@ -180,8 +180,6 @@ def read_torch_bin(path: str | Path) -> dict[str, TorchTensor]:
             state = _RestrictedUnpickler(f, archive).load()
     except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError) as e:
         raise XGLMError(f"{path} is truncated or corrupt ({e}); download it again") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, TorchTensor) for v in state.values()):
         raise XGLMError(f"{path} does not hold a state dict of tensors")
     return dict(state)

@@ -10,6 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from reference import reference_logits, reference_model
 from safetensors.numpy import load_file, save_file
 from xglm_fixtures import build_checkpoint, hub_config, random_weights
 
@@ -293,8 +294,7 @@ def test_tied_lm_head_copy_is_dropped(sp_model, tmp_path):
 
 
 def test_distinct_lm_head_is_kept_untied(sp_model, tmp_path, capsys):
-    weights = random_weights(hub_config(), seed=5)
-    weights["lm_head.weight"] = random_weights(hub_config(), seed=6)["model.embed_tokens.weight"]
+    weights = untied_weights()
     source = build_checkpoint(tmp_path / "source", sp_model, weights=weights)
     convert(source, tmp_path / "out", quantize=True, q_bits=8, verbose=True)
     assert "untied head" in capsys.readouterr().err
@@ -306,6 +306,29 @@ def test_distinct_lm_head_is_kept_untied(sp_model, tmp_path, capsys):
     head = mx.array(weights["lm_head.weight"])
     expected = np.array(hidden @ head.T)
     assert np.allclose(np.array(model(mx.array(IDS))), expected, atol=0.05 * np.abs(expected).max())
+
+
+def untied_weights():
+    weights = random_weights(hub_config(), seed=5)
+    weights["lm_head.weight"] = random_weights(hub_config(), seed=6)["model.embed_tokens.weight"]
+    return weights
+
+
+def test_load_unties_a_distinct_head_and_says_so(sp_model, tmp_path):
+    source = build_checkpoint(tmp_path / "source", sp_model, weights=untied_weights())
+    with pytest.warns(UserWarning, match="untied head"):
+        model, _ = load(source)
+    assert model.config.tie_word_embeddings is False
+
+
+@pytest.mark.reference
+def test_untied_head_matches_transformers(sp_model, tmp_path, transformers):
+    source = build_checkpoint(
+        tmp_path / "source", sp_model, weights=untied_weights(), tie_word_embeddings=False
+    )
+    model, _ = load(source)
+    expected = reference_logits(reference_model(source), IDS)
+    assert np.abs(np.array(model(mx.array(IDS))) - expected).max() < 1e-4
 
 
 def test_hub_repo_id_and_revision(monkeypatch, soft_checkpoint, tmp_path):
