@@ -4,12 +4,13 @@ torch.save writes a zip archive: `<name>/data.pkl` pickles the state dict, and e
 little-endian file `<name>/data/<key>`. The pickle refers to storages by key and rebuilds tensors through
 `torch._utils._rebuild_tensor_v2`. We unpickle with a `find_class` that admits only those rebuild functions,
 the storage types and OrderedDict, so a hostile pickle (one that names `os.system`, say) is refused before
-anything of it runs. Tensors are read one at a time, when asked for.
+anything of it runs. Tensors are read one at a time, when asked for, from a memory map of the file.
 """
 
 from __future__ import annotations
 
 import pickle
+import struct
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ class TorchTensor:
         view = np.lib.stride_tricks.as_strided(
             data[self.offset :], self.shape, [s * itemsize for s in self.stride], writeable=False
         )
-        array = mx.array(view.copy())
+        array = mx.array(view if view.flags.c_contiguous else view.copy())
         return array.view(mx.bfloat16) if self.storage.kind == "BFloat16Storage" else array
 
 
@@ -92,18 +93,41 @@ class _Archive:
 
     def read_storage(self, storage: _Storage) -> np.ndarray:
         name = f"{self.prefix}/data/{storage.key}"
-        try:
-            raw = self.zf.read(name)
-        except KeyError:
-            raise XGLMError(f"{self.path}: storage {name} is missing from the archive") from None
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise XGLMError(f"{self.path} is corrupt: cannot read {name} ({e})") from None
         dtype = np.dtype(STORAGE_DTYPES[storage.kind])
         if self.big_endian:
             dtype = dtype.newbyteorder(">")
-        if len(raw) % dtype.itemsize:
-            raise XGLMError(f"{self.path}: storage {name} has a partial element; the file is corrupt")
-        return np.frombuffer(raw, dtype).astype(dtype.newbyteorder("="), copy=False)
+        try:
+            info = self.zf.getinfo(name)
+            if info.file_size % dtype.itemsize:
+                raise XGLMError(f"{self.path}: storage {name} has a partial element; the file is corrupt")
+            if info.compress_type == zipfile.ZIP_STORED:
+                data = self._map(info, dtype)
+            else:
+                data = np.frombuffer(self.zf.read(name), dtype)
+        except KeyError:
+            raise XGLMError(f"{self.path}: storage {name} is missing from the archive") from None
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise XGLMError(f"{self.path} is corrupt: cannot read {name} ({e})") from None
+        return data.astype(dtype.newbyteorder("="), copy=False)
+
+    def _map(self, info: zipfile.ZipInfo, dtype: np.dtype) -> np.ndarray:
+        """Map a stored (uncompressed) member, as torch writes them, instead of copying it into memory."""
+        with open(self.path, "rb") as f:
+            f.seek(info.header_offset)
+            header = f.read(30)
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+        # The local header's own name and extra lengths: torch pads the extra field to align storages.
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        if start + info.file_size > self.path.stat().st_size:
+            raise zipfile.BadZipFile(f"{info.filename} runs past the end of the file")
+        count = info.file_size // dtype.itemsize
+        return (
+            np.memmap(self.path, dtype, mode="r", offset=start, shape=(count,))
+            if count
+            else np.zeros(0, dtype)
+        )
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
