@@ -148,6 +148,8 @@ def head_is_untied(config: dict, weights: dict) -> bool:
     head, embed = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
     if head is None or embed is None or not config.get("tie_word_embeddings", True):
         return False
+    if isinstance(head, TorchTensor) and head == embed:
+        return False  # torch saved the tied parameter once: same storage, same view
     head, embed = (v.load() if isinstance(v, TorchTensor) else v for v in (head, embed))
     return head.shape != embed.shape or not mx.array_equal(head, embed).item()
 
