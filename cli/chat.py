@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_from(args)
     template = unescape(args.template)
     split_template(template)
-    model, tokenizer, _ = load_model(args.model, renderer.spinner)
+    model, tokenizer, _ = load_model(args.model, args.revision, renderer.spinner)
     conversation = Conversation(model, tokenizer, template, max_kv_size=args.max_kv_size)
     seed_from(args)
     if sys.stdin.isatty():

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         raise XGLMError(f"--prompt-cache-file {cache_file} must end in .safetensors")
     renderer = Renderer(quiet=args.quiet or args.json)
     sampling = sampling_from(args)
-    model, tokenizer, load_seconds = load_model(args.model, renderer.spinner)
+    model, tokenizer, load_seconds = load_model(args.model, args.revision, renderer.spinner)
 
     if cache_file is not None and cache_file.exists():
         cache = load_prompt_cache(cache_file)

@@ -19,12 +19,14 @@ from mlx_xglm import XGLMError, __version__
 COMMANDS: list[str] = [
     "generate",
     "chat",
+    "convert",
 ]
 
 EXAMPLES = """\
 examples:
   mlx-xglm generate --prompt "The capital of France is"
   mlx-xglm chat --model ./xglm-564M
+  mlx-xglm convert --hf-path facebook/xglm-564M -q --mlx-path xglm-564M-4bit
   mlx-xglm COMMAND --help
 
 Set MLX_XGLM_DEBUG=1 to see the full traceback of an error.

@@ -40,6 +40,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help=f"checkpoint folder or Hub repo id (default: {DEFAULT_MODEL})",
     )
+    parser.add_argument(
+        "--revision", metavar="REF", help="Hub branch, tag, commit or PR ref such as refs/pr/4"
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -110,15 +113,15 @@ def _name_flag(message: str) -> str:
     return message
 
 
-def load_model(name: str, spinner) -> tuple:
-    """`(model, tokenizer, seconds)` for `--model NAME`, showing a spinner while it loads.
+def load_model(name: str, revision: str | None, spinner) -> tuple:
+    """`(model, tokenizer, seconds)` for `--model NAME --revision REF`, showing a spinner while it loads.
 
     A Hub repo id that is not in the local cache while offline gets a hint to pass a local folder.
     """
     start = time.perf_counter()
     # Outside the spinner: a download shows huggingface_hub's own progress bars.
     try:
-        path = resolve_model_path(name)
+        path = resolve_model_path(name, revision)
     except XGLMError as e:
         if isinstance(e.__context__, LocalEntryNotFoundError):
             raise XGLMError(f"{e} (--model PATH)") from None

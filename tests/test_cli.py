@@ -266,7 +266,7 @@ def test_debug_variable_shows_the_traceback(mlx_xglm, tmp_path):
     assert "Traceback" in out.stderr.decode() and "XGLMError" in out.stderr.decode()
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["chat"]])
+@pytest.mark.parametrize("command", [[], ["generate"], ["chat"], ["convert"]])
 def test_help_has_examples(mlx_xglm, command):
     out = mlx_xglm(*command, "--help")
     assert out.returncode == 0
