@@ -9,10 +9,12 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import pexpect
 import pytest
+from test_load import fill_hub_cache
 from xglm_fixtures import hub_config, random_weights
 
 from mlx_xglm import __version__, generate, load, make_logits_processors, make_prompt_cache, make_sampler
@@ -28,7 +30,8 @@ PROMPT = "The dog"
 @pytest.fixture
 def cli_env(tmp_path):
     """An environment with an empty Hub cache, offline, and no debug tracebacks."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLX_XGLM_DEBUG", "NO_COLOR", "FORCE_COLOR")}
+    drop = ("MLX_XGLM_DEBUG", "NO_COLOR", "FORCE_COLOR", "HF_HUB_CACHE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
     return env
 
@@ -251,6 +254,14 @@ def test_prompt_file_that_is_not_utf8(tiny, mlx_xglm, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     out = mlx_xglm("generate", "--model", tiny[0], "--prompt-file", tmp_path / "latin1.txt")
     assert_one_error_line(out, "latin1.txt", "not UTF-8")
+
+
+def test_default_model_from_the_local_hub_cache_offline(tiny, mlx_xglm, cli_env):
+    path, model, tokenizer = tiny
+    fill_hub_cache(Path(cli_env["HF_HOME"]), "facebook/xglm-564M", path)
+    out = mlx_xglm("generate", "--prompt", PROMPT, "-m", 10)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.decode() == api_text(model, tokenizer, PROMPT, 10) + "\n"
 
 
 def test_hub_id_missing_from_the_offline_cache_suggests_a_local_path(mlx_xglm):
