@@ -125,3 +125,53 @@ def as_tensors(data: dict, return_tensors: str | None) -> dict:
         )
     convert = np.array if return_tensors == "np" else mx.array
     return {key: convert(value) for key, value in data.items()}
+
+
+def encode_batch(
+    tokenizer,
+    text,
+    text_pair,
+    *,
+    add_special_tokens: bool,
+    padding,
+    truncation,
+    max_length: int | None,
+    pad_to_multiple_of: int | None,
+    padding_side: str,
+    return_tensors: str | None,
+    return_attention_mask: bool,
+) -> BatchEncoding:
+    """`XGLMTokenizer.__call__`: encode, truncate, add special tokens, pad, convert (see its docstring)."""
+    batched = not isinstance(text, str)
+    texts = list(text) if batched else [text]
+    if not all(isinstance(t, str) for t in texts):
+        raise XGLMError("text must be a string or a list of strings")
+    pairs = None
+    if text_pair is not None:
+        pairs = list(text_pair) if batched else [text_pair]
+        if batched == isinstance(text_pair, str) or len(pairs) != len(texts):
+            raise XGLMError("text_pair must match text: a string for a string, a list as long for a list")
+    pad, cut, length = resolve_lengths(
+        padding, truncation, max_length, tokenizer.model_max_length, pad_to_multiple_of
+    )
+    rows = []
+    for i, t in enumerate(texts):
+        ids = tokenizer.encode(t, add_special_tokens=False)
+        pair = None if pairs is None else tokenizer.encode(pairs[i], add_special_tokens=False)
+        extra = tokenizer.num_special_tokens_to_add(pair is not None) if add_special_tokens else 0
+        total = len(ids) + (len(pair) if pair is not None else 0) + extra
+        if cut and length and total > length:
+            ids, pair = truncate(ids, pair, total - length, cut, tokenizer.truncation_side)
+        if add_special_tokens:
+            rows.append(tokenizer.build_inputs_with_special_tokens(ids, pair))
+        else:
+            rows.append(ids + (pair or []))
+    if pad == "longest":
+        length = max((len(r) for r in rows), default=0)
+    if pad and pad_to_multiple_of and length % pad_to_multiple_of:
+        length += pad_to_multiple_of - length % pad_to_multiple_of
+    data = pad_rows(rows, length if pad else 0, tokenizer.pad_token_id, padding_side, return_attention_mask)
+    data = as_tensors(data, return_tensors)
+    if not batched and return_tensors is None:
+        data = {key: value[0] for key, value in data.items()}
+    return BatchEncoding(data)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .encoding import BatchEncoding, as_tensors, pad_rows, resolve_lengths, truncate
+from .encoding import BatchEncoding, encode_batch
 from .errors import XGLMError
 
 SPIECE_UNDERLINE = "\u2581"
@@ -251,40 +251,19 @@ class XGLMTokenizer:
         `max_length` alone truncates longest_first. `return_tensors`: None (lists), "np" or "mlx" (a single
         text then gets a batch axis). Returns a BatchEncoding with `input_ids` and `attention_mask`.
         """
-        batched = not isinstance(text, str)
-        texts = list(text) if batched else [text]
-        if not all(isinstance(t, str) for t in texts):
-            raise XGLMError("text must be a string or a list of strings")
-        pairs = None
-        if text_pair is not None:
-            pairs = list(text_pair) if batched else [text_pair]
-            if batched == isinstance(text_pair, str) or len(pairs) != len(texts):
-                raise XGLMError("text_pair must match text: a string for a string, a list as long for a list")
-        pad, cut, length = resolve_lengths(
-            padding, truncation, max_length, self.model_max_length, pad_to_multiple_of
+        return encode_batch(
+            self,
+            text,
+            text_pair,
+            add_special_tokens=add_special_tokens,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side or self.padding_side,
+            return_tensors=return_tensors,
+            return_attention_mask=return_attention_mask,
         )
-        rows = []
-        for i, t in enumerate(texts):
-            ids = self.encode(t, add_special_tokens=False)
-            pair = None if pairs is None else self.encode(pairs[i], add_special_tokens=False)
-            extra = self.num_special_tokens_to_add(pair is not None) if add_special_tokens else 0
-            total = len(ids) + (len(pair) if pair is not None else 0) + extra
-            if cut and length and total > length:
-                ids, pair = truncate(ids, pair, total - length, cut, self.truncation_side)
-            if add_special_tokens:
-                rows.append(self.build_inputs_with_special_tokens(ids, pair))
-            else:
-                rows.append(ids + (pair or []))
-        if pad == "longest":
-            length = max((len(r) for r in rows), default=0)
-        if pad and pad_to_multiple_of and length % pad_to_multiple_of:
-            length += pad_to_multiple_of - length % pad_to_multiple_of
-        side = padding_side or self.padding_side
-        data = pad_rows(rows, length if pad else 0, self.pad_token_id, side, return_attention_mask)
-        data = as_tensors(data, return_tensors)
-        if not batched and return_tensors is None:
-            data = {key: value[0] for key, value in data.items()}
-        return BatchEncoding(data)
 
     def save_vocabulary(self, save_directory: str | Path, filename_prefix: str | None = None) -> tuple[str]:
         """Write the sentencepiece model into the existing `save_directory`; returns its path in a tuple."""
