@@ -165,7 +165,7 @@ def model_forward(
     position_ids = _as_array(position_ids, "position_ids", 2)
     if position_ids is None:
         position_ids = _positions(attention_mask, B, L, offset)
-    elif position_ids.shape[1] != L:
+    elif position_ids.shape[1] != L or position_ids.shape[0] not in (1, B):
         raise XGLMError(f"position_ids has shape {tuple(position_ids.shape)}; it must be ({B}, {L})")
     head_mask = _as_array(head_mask, "head_mask", 2)
     if head_mask is not None and head_mask.shape != (len(self.layers), config.attention_heads):

@@ -215,6 +215,17 @@ def test_eval_forward_equals_the_decoding_path(loaded):
     assert np.array_equal(np.array(bare.last_hidden_state), np.array(model.model(ids)))
 
 
+def test_float16_attentions_keep_a_float32_softmax(tiny_checkpoint):
+    model, tokenizer = load(tiny_checkpoint)
+    ids, mask = left_padded(tokenizer)
+    expected = model.forward(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    model.set_dtype(mx.float16)
+    out = model.forward(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert out.attentions[0].dtype == mx.float16 and np.isfinite(np.array(out.logits)).all()
+    for ours, full in zip(out.attentions, expected, strict=True):
+        assert np.abs(np.array(ours, np.float32) - np.array(full)).max() <= 1e-2
+
+
 def test_use_cache_false_returns_no_cache(loaded):
     model, _ = loaded
     assert model.forward(input_ids=[[2, 10, 11]], use_cache=False).cache is None
