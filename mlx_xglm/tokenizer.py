@@ -28,7 +28,7 @@ class XGLMTokenizer:
 
     `vocab_file` is a checkpoint's `sentencepiece.bpe.model`. `sp_model_kwargs` go to sentencepiece's
     processor (e.g. `enable_sampling`, `nbest_size`, `alpha` for subword regularisation). `padding_side`
-    ("left", the right side for generation, or "right") and `truncation_side` ("right" or "left") are the
+    ("left", what batched generation needs, or "right") and `truncation_side` ("right" or "left") are the
     defaults of `__call__`; `model_max_length` is the length `truncation=True` works to without a
     `max_length` (None: no limit).
     """
@@ -92,6 +92,8 @@ class XGLMTokenizer:
                 config = json.loads(config_file.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 raise XGLMError(f"{config_file} is not valid JSON: {e}") from None
+            if not isinstance(config, dict):
+                raise XGLMError(f"{config_file} must hold a JSON object")
             keys = ("model_max_length", "padding_side", "truncation_side", "sp_model_kwargs")
             settings = {k: config[k] for k in keys if config.get(k) is not None}
             # transformers stores "no limit" as a huge number (int(1e30)).

@@ -206,3 +206,11 @@ def test_bad_call_arguments_are_clear_errors(tiny_checkpoint, args, kwargs, mess
     tok = XGLMTokenizer.from_pretrained(tiny_checkpoint)
     with pytest.raises(XGLMError, match=message):
         tok(*args, **kwargs)
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_bad_tokenizer_config_is_a_clear_error(tiny_checkpoint, tmp_path, content):
+    shutil.copytree(tiny_checkpoint, tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(content)
+    with pytest.raises(XGLMError, match="tokenizer_config.json"):
+        XGLMTokenizer.from_pretrained(tmp_path / "tok")
