@@ -5,9 +5,12 @@ from importlib.metadata import PackageNotFoundError, version
 from .batch import batch_generate
 from .cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 from .convert import convert
+from .encoding import BatchEncoding
 from .errors import XGLMError
+from .forward import XGLMCausalLMOutput, XGLMModelOutput
 from .generate import generate, generate_step, stream_generate
 from .loading import load
+from .loss import causal_lm_loss
 from .model import XGLMConfig, XGLMForCausalLM, XGLMModel
 from .sample_utils import make_logits_processors, make_sampler
 from .tokenizer import XGLMTokenizer
@@ -18,6 +21,10 @@ except PackageNotFoundError:
     __version__ = "0.0.0"
 
 __all__ = [
+    "BatchEncoding",
+    "XGLMCausalLMOutput",
+    "XGLMModelOutput",
+    "causal_lm_loss",
     "XGLMConfig",
     "XGLMError",
     "XGLMForCausalLM",
