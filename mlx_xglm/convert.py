@@ -29,6 +29,7 @@ from .torch_bin import TorchTensor
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 MAX_SHARD_BYTES = 5 * 1024**3
+ROWS_PER_BLOCK = 8192
 TOKENIZER_FILES = [VOCAB_FILE, "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"]
 SOURCE_PATTERNS = [
     "config.json",
@@ -173,12 +174,12 @@ def _convert_tensors(tensors, names, config, plan, dtype, console) -> tuple[dict
                 parts = {"weight": value, "scales": _read(tensors.pop(names[f"{path}.scales"]))}
                 if f"{path}.biases" in names:
                     parts["biases"] = _read(tensors.pop(names[f"{path}.biases"]))
-                value = mx.dequantize(*parts.values(), **module_settings(stored, path))
+                value = _by_rows(mx.dequantize, list(parts.values()), module_settings(stored, path))[0]
             if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
                 value = value.astype(dtype)
             n_params += value.size
             if leaf == "weight" and path in plan:
-                quantized = mx.quantize(value, **plan[path])
+                quantized = _by_rows(mx.quantize, [value], plan[path])
                 # affine returns (weight, scales, biases); the fp modes have no biases.
                 parts = ("weight", "scales", "biases")[: len(quantized)]
                 written = {f"{path}.{part}": q for part, q in zip(parts, quantized, strict=True)}
@@ -187,6 +188,21 @@ def _convert_tensors(tensors, names, config, plan, dtype, console) -> tuple[dict
             mx.eval(list(written.values()))
             out.update(written)
     return out, n_params
+
+
+def _by_rows(function, arrays: list[mx.array], settings: dict) -> list[mx.array]:
+    """`function(*arrays, **settings)` in blocks of rows, each evaluated before the next: groups never
+    span rows, so the result is the same, and the CPU kernels' temporaries stay the size of a block
+    (whole-embedding fp4 quantization needs 10-20 GB otherwise)."""
+    blocks = []
+    for start in range(0, arrays[0].shape[0], ROWS_PER_BLOCK):
+        out = function(*(a[start : start + ROWS_PER_BLOCK] for a in arrays), **settings)
+        out = list(out) if isinstance(out, (list, tuple)) else [out]
+        mx.eval(out)
+        blocks.append(out)
+    if len(blocks) == 1:
+        return blocks[0]
+    return [mx.concatenate(parts, axis=0) for parts in zip(*blocks, strict=True)]
 
 
 def _read(value) -> mx.array:

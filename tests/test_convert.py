@@ -411,3 +411,23 @@ def test_top_level_script(soft_checkpoint, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("options", [{"quantize": True}, {"quantize": True, "q_mode": "mxfp4"}])
+def test_quantizing_in_row_blocks_changes_nothing(converted, soft_checkpoint, tmp_path, monkeypatch, options):
+    monkeypatch.setattr(sys.modules["mlx_xglm.convert"], "ROWS_PER_BLOCK", 100)
+    convert(soft_checkpoint, tmp_path / "blocks", verbose=False, **options)
+    blocks = mx.load(str(tmp_path / "blocks" / "model.safetensors"))
+    whole = mx.load(str(converted(**options) / "model.safetensors"))
+    assert blocks.keys() == whole.keys()
+    assert all(mx.array_equal(blocks[k], whole[k]).item() for k in whole)
+
+
+def test_dequantizing_in_row_blocks_changes_nothing(converted, tmp_path, monkeypatch):
+    quantized = converted(quantize=True, q_bits=8)
+    convert(quantized, tmp_path / "whole", dequantize=True, verbose=False)
+    monkeypatch.setattr(sys.modules["mlx_xglm.convert"], "ROWS_PER_BLOCK", 100)
+    convert(quantized, tmp_path / "blocks", dequantize=True, verbose=False)
+    blocks = mx.load(str(tmp_path / "blocks" / "model.safetensors"))
+    whole = mx.load(str(tmp_path / "whole" / "model.safetensors"))
+    assert all(mx.array_equal(blocks[k], whole[k]).item() for k in whole)
