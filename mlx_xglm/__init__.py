@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .batch import batch_generate
 from .cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+from .convert import convert
 from .encoding import BatchEncoding
 from .errors import XGLMError
 from .forward import XGLMCausalLMOutput, XGLMModelOutput
@@ -31,6 +32,7 @@ __all__ = [
     "XGLMTokenizer",
     "__version__",
     "batch_generate",
+    "convert",
     "generate",
     "generate_step",
     "load",

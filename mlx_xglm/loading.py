@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,7 +12,9 @@ from mlx.utils import tree_flatten
 
 from .errors import XGLMError
 from .model import XGLMConfig, XGLMForCausalLM
+from .quantize import apply_quantization
 from .tokenizer import VOCAB_FILE, XGLMTokenizer
+from .torch_bin import TorchTensor, read_torch_bin
 
 # What a checkpoint folder needs; everything else in a Hub repository (flax, tf, rust weights) is skipped.
 HUB_ALLOW_PATTERNS = [
@@ -19,6 +22,8 @@ HUB_ALLOW_PATTERNS = [
     "generation_config.json",
     "*.safetensors",
     "model.safetensors.index.json",
+    # Every facebook/xglm-* repository ships only this on its main branch.
+    "pytorch_model.bin",
     VOCAB_FILE,
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -97,7 +102,8 @@ def load_config(model_path: Path) -> dict:
 
 
 def weight_files(model_path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, following `model.safetensors.index.json` when present."""
+    """The weight files of a checkpoint: safetensors (following `model.safetensors.index.json` when
+    present), else `pytorch_model.bin`."""
     index_file = model_path / "model.safetensors.index.json"
     if index_file.is_file():
         try:
@@ -110,20 +116,42 @@ def weight_files(model_path: Path) -> list[Path]:
                 raise XGLMError(f"{file} is listed in {index_file.name} but missing")
         return files
     files = sorted(model_path.glob("*.safetensors"))
+    if not files and (model_path / "pytorch_model.bin").is_file():
+        files = [model_path / "pytorch_model.bin"]
     if not files:
-        raise XGLMError(f"no weights in {model_path}: expected model.safetensors")
+        raise XGLMError(f"no weights in {model_path}: expected model.safetensors or pytorch_model.bin")
     return files
 
 
-def load_weights(model_path: Path) -> dict[str, mx.array]:
-    """All tensors of the checkpoint, lazily mapped from disk."""
+def read_weights(model_path: Path) -> dict[str, mx.array | TorchTensor]:
+    """All tensors of the checkpoint, none read yet: lazy mx.arrays, or TorchTensors for `.bin` files."""
     weights = {}
     for file in weight_files(model_path):
+        if file.suffix == ".bin":
+            weights.update(read_torch_bin(file))
+            continue
         try:
             weights.update(mx.load(str(file)))
         except (RuntimeError, ValueError, OSError) as e:
             raise XGLMError(f"{file} is not a readable safetensors file ({e})") from None
     return weights
+
+
+def load_weights(model_path: Path) -> dict[str, mx.array]:
+    """All tensors of the checkpoint: safetensors lazily mapped from disk, `.bin` tensors read."""
+    weights = read_weights(model_path)
+    return {k: v.load() if isinstance(v, TorchTensor) else v for k, v in weights.items()}
+
+
+def head_is_untied(config: dict, weights: dict) -> bool:
+    """True when the checkpoint stores an `lm_head.weight` that is not a copy of the token embedding."""
+    head, embed = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
+    if head is None or embed is None or not config.get("tie_word_embeddings", True):
+        return False
+    if isinstance(head, TorchTensor) and head == embed:
+        return False  # torch saved the tied parameter once: same storage, same view
+    head, embed = (v.load() if isinstance(v, TorchTensor) else v for v in (head, embed))
+    return head.shape != embed.shape or not mx.array_equal(head, embed).item()
 
 
 def check_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) -> None:
@@ -145,9 +173,18 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) 
 
 def load_model(model_path: Path, lazy: bool = False) -> XGLMForCausalLM:
     """Build XGLMForCausalLM from a checkpoint folder."""
-    config = XGLMConfig.from_dict(load_config(model_path))
-    model = XGLMForCausalLM(config)
-    weights = model.sanitize(load_weights(model_path))
+    config_dict = load_config(model_path)
+    weights = load_weights(model_path)
+    if head_is_untied(config_dict, weights):
+        warnings.warn(
+            f"{model_path}: lm_head.weight differs from the token embedding; using it as an untied head",
+            stacklevel=2,
+        )
+        config_dict = {**config_dict, "tie_word_embeddings": False}
+    model = XGLMForCausalLM(XGLMConfig.from_dict(config_dict))
+    weights = model.sanitize(weights)
+    if "quantization" in config_dict:
+        apply_quantization(model, config_dict["quantization"], set(weights))
     check_weights(model, weights, model_path)
     model.load_weights(list(weights.items()))
     if not lazy:

@@ -44,6 +44,8 @@ class XGLMConfig:
     pad_token_id: int = 1
     bos_token_id: int = 0
     eos_token_id: int = 2
+    # False only for checkpoints whose lm_head.weight differs from the embedding (kept as its own matrix).
+    tie_word_embeddings: bool = True
 
     @classmethod
     def from_dict(cls, config: dict) -> XGLMConfig:
@@ -218,6 +220,8 @@ class XGLMForCausalLM(nn.Module):
         self.config = config
         self.model_type = "xglm"
         self.model = XGLMModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     def __call__(
         self,
@@ -228,6 +232,8 @@ class XGLMForCausalLM(nn.Module):
     ) -> mx.array:
         """Logits [B, L, vocab_size] for token ids [B, L]; see `XGLMModel.__call__` for the options."""
         h = self.model(inputs, cache=cache, mask=mask, position_ids=position_ids)
+        if not self.config.tie_word_embeddings:
+            return self.lm_head(h)
         return self.model.embed_tokens.as_linear(h)
 
     # The full forward with `labels` -> `loss`; see forward.py.
@@ -243,14 +249,15 @@ class XGLMForCausalLM(nn.Module):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map checkpoint tensor names to module names.
 
-        Drops the saved sinusoid table (recomputed here) and `lm_head.weight` (tied to the embedding);
-        adds the `model.` prefix that checkpoints of the bare XGLMModel lack.
+        Drops the saved sinusoid table (recomputed here) and, when the head is tied to the embedding,
+        `lm_head.*`; adds the `model.` prefix that checkpoints of the bare XGLMModel lack.
         """
         out = {}
         for name, value in weights.items():
-            if name == "lm_head.weight" or name.endswith("embed_positions.weights"):
+            is_head = name.startswith("lm_head.")
+            if (is_head and self.config.tie_word_embeddings) or name.endswith("embed_positions.weights"):
                 continue
-            if not name.startswith("model."):
+            if not name.startswith("model.") and not is_head:
                 name = "model." + name
             out[name] = value
         return out

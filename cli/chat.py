@@ -1,0 +1,113 @@
+"""`mlx-xglm chat`: an interactive conversation with a base model, one cached transcript."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import closing
+from itertools import chain
+
+from .conversation import DEFAULT_TEMPLATE, Conversation, split_template
+from .options import (
+    add_model_args,
+    add_sampling_args,
+    help_formatter,
+    load_model,
+    sampling_from,
+    seed_from,
+    unescape,
+)
+from .render import Renderer, turn_stats
+
+EXAMPLES = r"""
+examples:
+  mlx-xglm chat
+  mlx-xglm chat --model ./xglm-1.7B --temp 0.7 --top-p 0.9 --repetition-penalty 1.2
+  mlx-xglm chat --template "Q: {message}\nA:"
+
+XGLM is a base model: it continues a transcript, one line per turn, written the way it saw text in training
+(each newline as </s>). Its reply ends at the end of its line or at the next user marker. The cache keeps
+the conversation, so each turn reads only its own new text.
+"""
+
+COMMANDS_HELP = """\
+/reset      forget the conversation and start a new one
+/help       show this help
+/quit, q    leave (also Ctrl-D); Ctrl-C stops a reply, and leaves when pressed at the prompt"""
+
+QUIT = {"q", "/q", "/quit", "/exit"}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "chat",
+        help="talk with a model in the terminal",
+        description="Talk with an XGLM model: a transcript of turns, kept in the KV cache between turns.",
+        epilog=EXAMPLES,
+        formatter_class=help_formatter,
+    )
+    add_model_args(parser)
+    parser.add_argument(
+        "--template",
+        default=DEFAULT_TEMPLATE.replace("\n", "\\n"),
+        metavar="TEXT",
+        help=r'one turn, with {message} for your text and "\n" between lines '
+        r'(default: "User: {message}\nAssistant:")',
+    )
+    add_sampling_args(parser, max_tokens=256)
+    parser.set_defaults(run=run, usage_error=parser.error)
+
+
+def run(args: argparse.Namespace) -> int:
+    renderer = Renderer()
+    sampling = sampling_from(args)
+    template = unescape(args.template)
+    split_template(template)
+    model, tokenizer, _ = load_model(args.model, args.revision, renderer.spinner)
+    conversation = Conversation(model, tokenizer, template, max_kv_size=args.max_kv_size)
+    seed_from(args)
+    if sys.stdin.isatty():
+        # Importing readline gives input() line editing and history.
+        import readline  # noqa: F401
+    renderer.note(f"{args.model}: /help for commands, /reset to start over, /quit or Ctrl-D to leave.")
+    while True:
+        try:
+            line = input(conversation.user_prompt)
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return 130
+        command = line.strip()
+        if not command:
+            continue
+        if command in QUIT:
+            return 0
+        if command == "/reset":
+            conversation.reset()
+            renderer.note("(conversation reset)")
+        elif command == "/help":
+            renderer.note(COMMANDS_HELP)
+        elif command.startswith("/"):
+            renderer.note(f"unknown command {command}; /help lists the commands")
+        else:
+            answer(conversation, command, renderer, args.max_tokens, sampling)
+
+
+def answer(conversation: Conversation, message: str, renderer: Renderer, max_tokens: int, sampling) -> None:
+    """Stream one reply and its stats line; Ctrl-C ends the reply early and keeps it in the transcript."""
+    last = None
+    with closing(conversation.reply(message, max_tokens, **sampling)) as responses:
+        try:
+            with renderer.spinner("Reading your message"):
+                first = next(responses, None)
+            renderer.write(f"{conversation.assistant_label} ")
+            for response in chain([first] if first else [], responses):
+                renderer.write(response.text)
+                last = response
+        except KeyboardInterrupt:
+            renderer.write(" ^C")
+    renderer.end_line()
+    if last is not None:
+        renderer.note(turn_stats(last))

@@ -1,0 +1,195 @@
+"""`mlx-xglm generate`: continue a prompt, streaming the text as it is made."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from itertools import chain
+from pathlib import Path
+
+from mlx_xglm import XGLMError, load_prompt_cache, make_prompt_cache, save_prompt_cache, stream_generate
+
+from .options import (
+    add_model_args,
+    add_sampling_args,
+    help_formatter,
+    load_model,
+    sampling_from,
+    seed_from,
+    unescape,
+)
+from .render import Renderer, footer_lines
+
+EXAMPLES = """\
+examples:
+  mlx-xglm generate --prompt "The capital of France is"
+  mlx-xglm generate --model ./xglm-564M --prompt "Il était une fois" --max-tokens 50 --temp 0.7 --seed 1
+  echo "Der Hund" | mlx-xglm generate --prompt - --quiet > continuation.txt
+  mlx-xglm generate --prompt-file story.txt --newlines eos --stop "THE END" --json
+  mlx-xglm generate --prompt-cache-file doc.safetensors --prompt-file doc.txt   # 1st run: caches doc.txt
+  mlx-xglm generate --prompt-cache-file doc.safetensors --prompt "Summary:"     # later: reads only this
+
+Text goes to stdout as it is generated, then a footer with prompt and generation speed and peak memory.
+When stdout is not a terminal it gets the plain text only, and the footer goes to stderr.
+Ctrl-C stops at once, keeps the text so far, prints the stats and exits with status 130.
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="continue a prompt, streaming the generated text",
+        description="Continue a prompt with an XGLM model, streaming the text as it is generated.",
+        epilog=EXAMPLES,
+        formatter_class=help_formatter,
+    )
+    add_model_args(parser)
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument(
+        "--prompt", "-p", metavar="TEXT", help=r'text to continue ("\n" reads as a newline); "-" reads stdin'
+    )
+    prompt.add_argument(
+        "--prompt-file", metavar="PATH", help='read the prompt from a UTF-8 file ("-": stdin)'
+    )
+    add_sampling_args(parser, max_tokens=100)
+    parser.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)"
+    )
+    parser.add_argument(
+        "--newlines",
+        choices=["space", "eos"],
+        default="space",
+        help="space: a newline is a space (transformers); eos: a newline is </s>, as in XGLM's training "
+        "text, and a generated </s> prints as a newline (default: space)",
+    )
+    parser.add_argument(
+        "--prompt-cache-file",
+        metavar="FILE",
+        help="KV cache of an earlier prompt: when FILE exists, generation continues after the text cached "
+        "in it and the prompt is only the new text; when it does not, the prompt's cache is saved to FILE",
+    )
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument(
+        "--verbose", "-v", action="store_true", help="also report the model, load time and finish reason"
+    )
+    verbosity.add_argument("--quiet", "-q", action="store_true", help="print the generated text only")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object: text, tokens, finish_reason, stats"
+    )
+    parser.set_defaults(run=run, usage_error=parser.error)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt text from --prompt, --prompt-file or stdin; one trailing newline of a file is dropped."""
+    if args.prompt is not None and args.prompt != "-":
+        return unescape(args.prompt)
+    source = args.prompt_file
+    if source is None and args.prompt is None:
+        if sys.stdin.isatty():
+            args.usage_error(
+                "give the text to continue with --prompt TEXT, --prompt -, or --prompt-file PATH"
+            )
+        source = "-"
+    if args.prompt == "-" or source == "-":
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise XGLMError(f"the prompt on stdin is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    else:
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise XGLMError(
+                f"prompt file {source} is not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
+        except OSError as e:
+            raise XGLMError(f"cannot read prompt file {source}: {e.strerror}") from None
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt = read_prompt(args)
+    cache_file = Path(args.prompt_cache_file) if args.prompt_cache_file else None
+    if cache_file is not None and cache_file.suffix != ".safetensors":
+        raise XGLMError(f"--prompt-cache-file {cache_file} must end in .safetensors")
+    renderer = Renderer(quiet=args.quiet or args.json)
+    sampling = sampling_from(args)
+    model, tokenizer, load_seconds = load_model(args.model, args.revision, renderer.spinner)
+
+    if cache_file is not None and cache_file.exists():
+        cache = load_prompt_cache(cache_file)
+        kept = getattr(cache[0], "max_size", None)
+        if args.max_kv_size is not None and args.max_kv_size != kept:
+            raise XGLMError(
+                f"{cache_file} holds a cache with max_kv_size {kept}; --max-kv-size {args.max_kv_size} "
+                "cannot change it: drop the flag or use another --prompt-cache-file"
+            )
+    else:
+        cache = make_prompt_cache(model, max_kv_size=args.max_kv_size)
+    cached_tokens = cache[0].offset
+    # A continued cached prompt must not get the `</s>` that XGLM puts at the start of a document.
+    ids = tokenizer.encode(prompt, add_special_tokens=cached_tokens == 0, newlines=args.newlines)
+    seed_from(args)
+    responses = stream_generate(
+        model,
+        tokenizer,
+        ids,
+        args.max_tokens,
+        prompt_cache=cache,
+        stop=[unescape(s) for s in args.stop] or None,
+        newlines=args.newlines,
+        **sampling,
+    )
+
+    text, tokens, last, status = [], [], None, 0
+    try:
+        with renderer.spinner(f"Reading the prompt ({len(ids)} tokens)"):
+            first = next(responses, None)
+        for last in chain([first] if first else [], responses):
+            text.append(last.text)
+            tokens.append(last.token)
+            if not args.json:
+                renderer.write(last.text)
+    except KeyboardInterrupt:
+        status = 130
+    finish = "interrupted" if status else getattr(last, "finish_reason", None)
+
+    if cache_file is not None and cached_tokens == 0 and not status:
+        save_prompt_only(cache_file, cache, len(ids), {"model": args.model, "newlines": args.newlines})
+    if args.json:
+        print(json.dumps(result_object("".join(text), tokens, finish, last), ensure_ascii=False))
+    elif last is None:
+        renderer.footer(
+            [f"Prompt: {len(ids)} tokens, {'interrupted while reading it' if status else 'read'}"]
+        )
+    else:
+        lines = footer_lines(last)
+        if args.verbose:
+            lines += [
+                f"Model: {args.model}, loaded in {load_seconds:.2f} s",
+                f"Cached prompt tokens: {cached_tokens}",
+                f"Finish reason: {finish}",
+            ]
+        renderer.footer(lines)
+    return status
+
+
+def save_prompt_only(path: Path, cache: list, n_prompt: int, metadata: dict[str, str]) -> None:
+    """Trim the generated tokens off `cache` and save the prompt's part to `path`."""
+    extra = cache[0].offset - n_prompt
+    if extra and not all(c.is_trimmable() for c in cache):
+        raise XGLMError(
+            f"cannot save {path}: the prompt no longer fits in --max-kv-size {cache[0].max_size}; "
+            "raise --max-kv-size or drop it"
+        )
+    for c in cache:
+        c.trim(extra)
+    save_prompt_cache(path, cache, metadata)
+
+
+def result_object(text: str, tokens: list[int], finish: str | None, last) -> dict:
+    """What --json prints: the text, the generated ids, why it ended, and the footer's figures."""
+    names = ["prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps", "peak_memory"]
+    stats = {name: getattr(last, name) for name in names} if last is not None else {}
+    return {"text": text, "tokens": tokens, "finish_reason": finish, "stats": stats}

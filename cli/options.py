@@ -1,0 +1,131 @@
+"""Flags shared by the subcommands, and turning them into the Python API's objects."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import mlx.core as mx
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+from mlx_xglm import XGLMError, load, make_logits_processors, make_sampler
+from mlx_xglm.loading import resolve_model_path
+
+DEFAULT_MODEL = "facebook/xglm-564M"
+
+# Engine parameter names, as its ValueErrors spell them, and the flags that set them.
+SAMPLING_FLAGS = {
+    "temp": "--temp",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "min_p": "--min-p",
+    "repetition_penalty": "--repetition-penalty",
+}
+
+
+def unescape(text: str) -> str:
+    r"""Read a typed `\n` or `\t` as a newline or tab, as mlx-lm does for its --prompt."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def help_formatter(prog: str) -> argparse.HelpFormatter:
+    """Keep the line breaks of the examples in each parser's epilog."""
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="PATH",
+        help=f"checkpoint folder or Hub repo id (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--revision", metavar="REF", help="Hub branch, tag, commit or PR ref such as refs/pr/4"
+    )
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument(
+        "--max-tokens",
+        "-m",
+        type=int,
+        metavar="N",
+        default=max_tokens,
+        help=f"tokens to generate (default: {max_tokens})",
+    )
+    group.add_argument(
+        "--temp", type=float, metavar="T", default=0.0, help="temperature; 0 picks the likeliest token"
+    )
+    group.add_argument(
+        "--top-p", type=float, metavar="P", default=1.0, help="nucleus sampling mass (default: 1.0, off)"
+    )
+    group.add_argument(
+        "--top-k", type=int, metavar="K", default=0, help="keep the k likeliest tokens (default: 0, off)"
+    )
+    group.add_argument(
+        "--min-p", type=float, metavar="P", default=0.0, help="drop tokens below min-p x the top one"
+    )
+    group.add_argument(
+        "--seed", type=int, metavar="N", default=None, help="random seed, for reproducible sampling"
+    )
+    group.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        metavar="R",
+        help="penalty > 1 for recently used tokens",
+    )
+    group.add_argument(
+        "--max-kv-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep only the last N positions in the KV cache (bounded memory for long runs)",
+    )
+
+
+def sampling_from(args: argparse.Namespace) -> dict:
+    """`sampler` and `logits_processors` for stream_generate; a bad value is an XGLMError naming its flag."""
+    if args.max_tokens < 0:
+        raise XGLMError(f"--max-tokens must be 0 or more, got {args.max_tokens}")
+    if args.max_kv_size is not None and args.max_kv_size < 1:
+        raise XGLMError(f"--max-kv-size must be 1 or more, got {args.max_kv_size}")
+    try:
+        sampler = make_sampler(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p)
+        processors = make_logits_processors(repetition_penalty=args.repetition_penalty)
+    except ValueError as e:
+        raise XGLMError(_name_flag(str(e))) from None
+    return {"sampler": sampler, "logits_processors": processors}
+
+
+def seed_from(args: argparse.Namespace) -> None:
+    """Seed MLX's generator with --seed; call it after loading, which draws random initial weights."""
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+
+
+def _name_flag(message: str) -> str:
+    for name, flag in SAMPLING_FLAGS.items():
+        if message.startswith(name):
+            return f"{flag}{message[len(name) :]}"
+    return message
+
+
+def load_model(name: str, revision: str | None, spinner) -> tuple:
+    """`(model, tokenizer, seconds)` for `--model NAME --revision REF`, showing a spinner while it loads.
+
+    A Hub repo id that is not in the local cache while offline gets a hint to pass a local folder.
+    """
+    start = time.perf_counter()
+    # Outside the spinner: a download shows huggingface_hub's own progress bars.
+    try:
+        path = resolve_model_path(name, revision)
+    except XGLMError as e:
+        if isinstance(e.__context__, LocalEntryNotFoundError):
+            raise XGLMError(f"{e} (--model PATH)") from None
+        raise
+    with spinner(f"Loading {name}"):
+        model, tokenizer = load(path)
+    return model, tokenizer, time.perf_counter() - start

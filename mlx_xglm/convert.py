@@ -1,0 +1,271 @@
+"""Hub or PyTorch checkpoints to MLX folders: dtype changes, quantization, dequantization, upload.
+
+Tensors are read, converted and quantized one at a time, so memory stays near the size of the output.
+The output is built in a hidden temporary folder beside `mlx_path` and renamed into place at the end: an
+error or Ctrl-C leaves nothing behind, and an existing folder is never written into.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .errors import XGLMError
+from .loading import check_weights, head_is_untied, load_config, read_weights, resolve_model_path
+from .model import XGLMConfig, XGLMForCausalLM
+from .model_card import model_card
+from .quantize import config_entry, module_settings, quant_settings, quantization_plan, resolve_predicate
+from .tokenizer import VOCAB_FILE
+from .torch_bin import TorchTensor
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+MAX_SHARD_BYTES = 5 * 1024**3
+ROWS_PER_BLOCK = 8192
+TOKENIZER_FILES = [VOCAB_FILE, "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"]
+SOURCE_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    *TOKENIZER_FILES,
+]
+
+
+@dataclass
+class ConversionReport:
+    """What `convert` produced: the folder, its weight bytes, bits per weight, seconds and peak memory."""
+
+    path: Path
+    weight_bytes: int
+    bits_per_weight: float
+    seconds: float
+    peak_memory_gb: float
+
+
+def convert(
+    hf_path: str | Path,
+    mlx_path: str | Path = "mlx_model",
+    quantize: bool = False,
+    q_bits: int | None = None,
+    q_group_size: int | None = None,
+    q_mode: str = "affine",
+    quant_predicate=None,
+    dtype: str | None = None,
+    dequantize: bool = False,
+    upload_repo: str | None = None,
+    revision: str | None = None,
+    embed_bits: int | None = None,
+    max_shard_size: int = MAX_SHARD_BYTES,
+    verbose: bool = True,
+) -> ConversionReport:
+    """Convert an XGLM checkpoint (folder or Hub repo id) into an MLX folder at `mlx_path`.
+
+    `quantize` with `q_bits` (2, 3, 4, 5, 6, 8; default 4), `q_group_size` (32, 64, 128; default 64) and
+    `q_mode` ("affine", "mxfp4", "mxfp8", "nvfp4"; other modes fix their own bits and group size);
+    `quant_predicate` is a recipe name ("mixed_3_6", ...) or a callable `(path, module) -> bool | dict`;
+    `embed_bits` sets the bits of the embedding, which is also the LM head. `dtype` ("float16",
+    "bfloat16", "float32") casts the floating-point weights (default: keep the checkpoint's).
+    `dequantize` turns a quantized folder back into floats. `upload_repo` uploads the result to the Hub.
+    Progress and the summary go to stderr when `verbose`. Raises XGLMError for bad input or options.
+    """
+    start = time.perf_counter()
+    mx.reset_peak_memory()
+    console = Console(stderr=True, quiet=not verbose)
+    target = Path(mlx_path).expanduser()
+    if target.exists() or target.is_symlink():
+        raise XGLMError(f"--mlx-path {target} already exists; pick a new folder (nothing was changed)")
+    if dtype is not None and dtype not in DTYPES:
+        raise XGLMError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if quantize and dequantize:
+        raise XGLMError("-q/--quantize and -d/--dequantize exclude each other; pick one")
+    if not quantize and (quant_predicate is not None or embed_bits is not None):
+        raise XGLMError("--quant-predicate and --embed-bits need -q/--quantize")
+    settings = quant_settings(q_bits, q_group_size, q_mode) if quantize else None
+    if embed_bits is not None:
+        quant_settings(embed_bits, settings["group_size"], settings["mode"])
+
+    source = resolve_model_path(hf_path, revision, SOURCE_PATTERNS)
+    config = load_config(source)
+    if quantize and "quantization" in config:
+        raise XGLMError(f"{source} is already quantized; convert it with -d/--dequantize first")
+    if dequantize and "quantization" not in config:
+        raise XGLMError(f"{source} is not quantized; -d/--dequantize needs a quantized folder")
+    tensors = read_weights(source)
+    if head_is_untied(config, tensors):
+        console.print("[yellow]notice:[/] lm_head.weight differs from the embedding; kept as an untied head")
+        config["tie_word_embeddings"] = False
+
+    model = XGLMForCausalLM(XGLMConfig.from_dict(config))
+    names = model.sanitize({name: name for name in tensors})
+    if "quantization" not in config:
+        check_weights(model, {new: tensors[old] for new, old in names.items()}, source)
+    plan = {}
+    if settings is not None:
+        predicate, settings = resolve_predicate(quant_predicate, settings, model.config.num_layers)
+        plan = quantization_plan(model, settings, predicate, embed_bits)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        # Without --dtype a dequantized model returns to the float type it was quantized from.
+        out_dtype = DTYPES.get(dtype) or (DTYPES.get(config.get("torch_dtype")) if dequantize else None)
+        weights, n_params = _convert_tensors(tensors, names, config, plan, out_dtype, console)
+        if dequantize:
+            check_weights(model, weights, source)
+        config = _output_config(config, weights, settings, plan)
+        weight_bytes = _save_weights(work, weights, max_shard_size)
+        _copy_side_files(source, work, config)
+        (work / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (work / "README.md").write_text(model_card(hf_path, source, upload_repo or target.name, config))
+        if target.exists():
+            raise XGLMError(f"--mlx-path {target} appeared while converting; the result was discarded")
+        os.rename(work, target)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+    report = ConversionReport(
+        target,
+        weight_bytes,
+        weight_bytes * 8 / max(n_params, 1),
+        time.perf_counter() - start,
+        mx.get_peak_memory() / 1e9,
+    )
+    console.print(
+        f"Converted {source} -> {target}: {weight_bytes / 1e9:.3f} GB of weights, "
+        f"{report.bits_per_weight:.3f} bits per weight, {report.seconds:.1f} s, "
+        f"peak memory {report.peak_memory_gb:.3f} GB"
+    )
+    if upload_repo:
+        upload_to_hub(target, upload_repo)
+        console.print(f"Uploaded {target} to https://huggingface.co/{upload_repo}")
+    return report
+
+
+def _convert_tensors(tensors, names, config, plan, dtype, console) -> tuple[dict[str, mx.array], int]:
+    """Output tensors and the number of weights they stand for, reading one input tensor at a time."""
+    stored = config.get("quantization")
+    stored_paths = {new[: -len(".scales")] for new in names if new.endswith(".scales")}
+    out, n_params = {}, 0
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    with progress:
+        for new in progress.track(list(names), description="converting"):
+            path, _, leaf = new.rpartition(".")
+            if path in stored_paths and leaf in ("scales", "biases"):
+                continue
+            value = _read(tensors.pop(names[new]))
+            if path in stored_paths and leaf == "weight":
+                parts = {"weight": value, "scales": _read(tensors.pop(names[f"{path}.scales"]))}
+                if f"{path}.biases" in names:
+                    parts["biases"] = _read(tensors.pop(names[f"{path}.biases"]))
+                value = _by_rows(mx.dequantize, list(parts.values()), module_settings(stored, path))[0]
+            if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
+                value = value.astype(dtype)
+            n_params += value.size
+            if leaf == "weight" and path in plan:
+                quantized = _by_rows(mx.quantize, [value], plan[path])
+                # affine returns (weight, scales, biases); the fp modes have no biases.
+                parts = ("weight", "scales", "biases")[: len(quantized)]
+                written = {f"{path}.{part}": q for part, q in zip(parts, quantized, strict=True)}
+            else:
+                written = {new: value}
+            mx.eval(list(written.values()))
+            out.update(written)
+    return out, n_params
+
+
+def _by_rows(function, arrays: list[mx.array], settings: dict) -> list[mx.array]:
+    """`function(*arrays, **settings)` in blocks of rows, each evaluated before the next: groups never
+    span rows, so the result is the same, and the CPU kernels' temporaries stay the size of a block
+    (whole-embedding fp4 quantization needs 10-20 GB otherwise)."""
+    blocks = []
+    for start in range(0, arrays[0].shape[0], ROWS_PER_BLOCK):
+        out = function(*(a[start : start + ROWS_PER_BLOCK] for a in arrays), **settings)
+        out = list(out) if isinstance(out, (list, tuple)) else [out]
+        mx.eval(out)
+        blocks.append(out)
+    if len(blocks) == 1:
+        return blocks[0]
+    return [mx.concatenate(parts, axis=0) for parts in zip(*blocks, strict=True)]
+
+
+def _read(value) -> mx.array:
+    return value.load() if isinstance(value, TorchTensor) else value
+
+
+def _output_config(config: dict, weights: dict, settings, plan) -> dict:
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    embed = weights.get("model.embed_tokens.scales", weights.get("model.embed_tokens.weight"))
+    if embed is not None and mx.issubdtype(embed.dtype, mx.floating):
+        config["torch_dtype"] = str(embed.dtype).removeprefix("mlx.core.")
+    if settings is not None:
+        config["quantization"] = config_entry(settings, plan)
+    return config
+
+
+def _save_weights(folder: Path, weights: dict[str, mx.array], max_shard_size: int) -> int:
+    """Write `model.safetensors`, or shards of at most `max_shard_size` bytes plus their index."""
+    shards, current, size = [], {}, 0
+    for name in sorted(weights):
+        nbytes = weights[name].nbytes
+        if current and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = weights[name]
+        size += nbytes
+    shards.append(current)
+    total = sum(v.nbytes for v in weights.values())
+    if len(shards) == 1:
+        mx.save_safetensors(str(folder / "model.safetensors"), shards[0], metadata={"format": "mlx"})
+        return total
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(folder / file), shard, metadata={"format": "mlx"})
+        weight_map.update(dict.fromkeys(shard, file))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return total
+
+
+def _copy_side_files(source: Path, folder: Path, config: dict) -> None:
+    if not (source / VOCAB_FILE).is_file():
+        raise XGLMError(f"{source / VOCAB_FILE} not found; the converted folder needs the tokenizer model")
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+    generation = source / "generation_config.json"
+    if generation.is_file():
+        shutil.copyfile(generation, folder / "generation_config.json")
+        return
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    defaults = {k: config.get(k, getattr(XGLMConfig, k)) for k in keys}
+    (folder / "generation_config.json").write_text(json.dumps(defaults, indent=2) + "\n")
+
+
+def upload_to_hub(folder: Path, repo_id: str) -> None:
+    """Create `repo_id` on the Hub if needed and upload `folder` to it."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model")
+    except (OSError, ValueError) as e:
+        raise XGLMError(f"--upload-repo {repo_id}: upload failed ({e}); {folder} is kept") from None
