@@ -276,10 +276,11 @@ def _copy_side_files(source: Path, folder: Path, config: dict) -> None:
 def upload_to_hub(folder: Path, repo_id: str) -> None:
     """Create `repo_id` on the Hub if needed and upload `folder` to it."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     try:
         api = HfApi()
         api.create_repo(repo_id, repo_type="model", exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model")
-    except (OSError, ValueError) as e:
+    except (HfHubHTTPError, OSError, ValueError) as e:
         raise XGLMError(f"--upload-repo {repo_id}: upload failed ({e}); {folder} is kept") from None

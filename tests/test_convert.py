@@ -368,6 +368,19 @@ def test_upload_repo_uses_the_hub_upload_api(monkeypatch, soft_checkpoint, tmp_p
     assert "# me/xglm-tiny-mlx" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_failed_upload_keeps_the_folder_and_says_so(monkeypatch, soft_checkpoint, tmp_path):
+    import huggingface_hub
+
+    class OfflineApi:
+        def create_repo(self, repo_id, **kwargs):
+            raise OSError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    with pytest.raises(XGLMError, match=r"--upload-repo me/x: upload failed \(network is unreachable\)"):
+        convert(soft_checkpoint, tmp_path / "out", upload_repo="me/x", verbose=False)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def run_cli(*args, cwd=None):
     env = {**os.environ, "MLX_XGLM_DEBUG": ""}
     return subprocess.run(
