@@ -84,25 +84,22 @@ def convert(
     target = Path(mlx_path).expanduser()
     if target.exists() or target.is_symlink():
         raise XGLMError(f"--mlx-path {target} already exists; pick a new folder (nothing was changed)")
-    if dtype is not None and dtype not in DTYPES:
-        raise XGLMError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    if quantize and dequantize:
-        raise XGLMError("-q/--quantize and -d/--dequantize exclude each other; pick one")
-    if not quantize and (quant_predicate is not None or embed_bits is not None):
-        raise XGLMError("--quant-predicate and --embed-bits need -q/--quantize")
-    settings = quant_settings(q_bits, q_group_size, q_mode) if quantize else None
-    if embed_bits is not None:
-        quant_settings(embed_bits, settings["group_size"], settings["mode"])
+    settings = _check_options(
+        quantize, q_bits, q_group_size, q_mode, quant_predicate, dtype, dequantize, embed_bits
+    )
 
     source = resolve_model_path(hf_path, revision, SOURCE_PATTERNS)
     config = load_config(source)
-    if quantize and "quantization" in config:
-        raise XGLMError(f"{source} is already quantized; convert it with -d/--dequantize first")
+    if not dequantize and "quantization" in config:
+        raise XGLMError(f"{source} is already quantized; turn it back into floats with -d/--dequantize first")
     if dequantize and "quantization" not in config:
         raise XGLMError(f"{source} is not quantized; -d/--dequantize needs a quantized folder")
     tensors = read_weights(source)
     if head_is_untied(config, tensors):
-        console.print("[yellow]notice:[/] lm_head.weight differs from the embedding; kept as an untied head")
+        console.print(
+            "[yellow]notice:[/] lm_head.weight differs from the embedding; kept as an untied head",
+            soft_wrap=True,
+        )
         config["tie_word_embeddings"] = False
 
     model = XGLMForCausalLM(XGLMConfig.from_dict(config))
@@ -144,12 +141,29 @@ def convert(
     console.print(
         f"Converted {source} -> {target}: {weight_bytes / 1e9:.3f} GB of weights, "
         f"{report.bits_per_weight:.3f} bits per weight, {report.seconds:.1f} s, "
-        f"peak memory {report.peak_memory_gb:.3f} GB"
+        f"peak memory {report.peak_memory_gb:.3f} GB",
+        soft_wrap=True,
     )
     if upload_repo:
         upload_to_hub(target, upload_repo)
         console.print(f"Uploaded {target} to https://huggingface.co/{upload_repo}")
     return report
+
+
+def _check_options(quantize, q_bits, q_group_size, q_mode, quant_predicate, dtype, dequantize, embed_bits):
+    """The default quantization settings (None without `quantize`), after checking the options agree."""
+    if dtype is not None and dtype not in DTYPES:
+        raise XGLMError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if quantize and dequantize:
+        raise XGLMError("-q/--quantize and -d/--dequantize exclude each other; pick one")
+    if not quantize:
+        if quant_predicate is not None or embed_bits is not None:
+            raise XGLMError("--quant-predicate and --embed-bits need -q/--quantize")
+        return None
+    settings = quant_settings(q_bits, q_group_size, q_mode)
+    if embed_bits is not None:
+        quant_settings(embed_bits, settings["group_size"], settings["mode"])
+    return settings
 
 
 def _convert_tensors(tensors, names, config, plan, dtype, console) -> tuple[dict[str, mx.array], int]:
@@ -262,10 +276,11 @@ def _copy_side_files(source: Path, folder: Path, config: dict) -> None:
 def upload_to_hub(folder: Path, repo_id: str) -> None:
     """Create `repo_id` on the Hub if needed and upload `folder` to it."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     try:
         api = HfApi()
         api.create_repo(repo_id, repo_type="model", exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model")
-    except (OSError, ValueError) as e:
+    except (HfHubHTTPError, OSError, ValueError) as e:
         raise XGLMError(f"--upload-repo {repo_id}: upload failed ({e}); {folder} is kept") from None

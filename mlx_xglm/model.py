@@ -213,7 +213,7 @@ class XGLMModel(nn.Module):
 
 
 class XGLMForCausalLM(nn.Module):
-    """XGLMModel plus the language-model head, tied to the token embedding."""
+    """XGLMModel plus the language-model head, tied to the token embedding unless the config unties it."""
 
     def __init__(self, config: XGLMConfig):
         super().__init__()

@@ -196,9 +196,10 @@ def test_dequantize_round_trip(converted, tmp_path):
     assert np.allclose(log_probs(tmp_path / "float"), log_probs(quantized), atol=1e-4)
 
 
-def test_quantizing_a_quantized_folder_is_refused(converted, tmp_path):
-    with pytest.raises(XGLMError, match="already quantized"):
-        convert(converted(quantize=True, q_bits=8), tmp_path / "again", quantize=True, verbose=False)
+@pytest.mark.parametrize("options", [{"quantize": True}, {"dtype": "float16"}])
+def test_converting_a_quantized_folder_needs_dequantize(converted, tmp_path, options):
+    with pytest.raises(XGLMError, match="already quantized.*-d/--dequantize"):
+        convert(converted(quantize=True, q_bits=8), tmp_path / "again", verbose=False, **options)
 
 
 def test_dequantizing_a_float_folder_is_refused(soft_checkpoint, tmp_path):
@@ -367,6 +368,19 @@ def test_upload_repo_uses_the_hub_upload_api(monkeypatch, soft_checkpoint, tmp_p
     assert "# me/xglm-tiny-mlx" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_failed_upload_keeps_the_folder_and_says_so(monkeypatch, soft_checkpoint, tmp_path):
+    import huggingface_hub
+
+    class OfflineApi:
+        def create_repo(self, repo_id, **kwargs):
+            raise OSError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    with pytest.raises(XGLMError, match=r"--upload-repo me/x: upload failed \(network is unreachable\)"):
+        convert(soft_checkpoint, tmp_path / "out", upload_repo="me/x", verbose=False)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def run_cli(*args, cwd=None):
     env = {**os.environ, "MLX_XGLM_DEBUG": ""}
     return subprocess.run(
@@ -431,3 +445,16 @@ def test_dequantizing_in_row_blocks_changes_nothing(converted, tmp_path, monkeyp
     blocks = mx.load(str(tmp_path / "blocks" / "model.safetensors"))
     whole = mx.load(str(tmp_path / "whole" / "model.safetensors"))
     assert all(mx.array_equal(blocks[k], whole[k]).item() for k in whole)
+
+
+def test_a_callable_predicate_picks_modules_and_bits(soft_checkpoint, tmp_path):
+    def predicate(path, module):
+        if path.endswith("fc1"):
+            return False
+        return {"bits": 8} if path.endswith("v_proj") else True
+
+    convert(soft_checkpoint, tmp_path / "out", quantize=True, quant_predicate=predicate, verbose=False)
+    quantization = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
+    assert quantization["model.layers.1.self_attn.v_proj"] == {"group_size": 64, "bits": 8, "mode": "affine"}
+    model, _ = load(tmp_path / "out")
+    assert not hasattr(model.layers[0].fc1, "bits") and model.layers[0].fc2.bits == 4

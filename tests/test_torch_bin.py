@@ -60,6 +60,7 @@ def test_tensors_of_every_dtype_and_layout_read_exactly(tmp_path):
         "slice": base[1:4, 2:7],
         "transposed": base.half().t(),
         "scalar": torch.tensor(3.5),
+        "parameter": torch.nn.Parameter(base[0]),
     }
     state["shared"] = state["half"]
     torch.save(state, tmp_path / "w.bin")
@@ -67,7 +68,7 @@ def test_tensors_of_every_dtype_and_layout_read_exactly(tmp_path):
     assert loaded.keys() == state.keys()
     assert loaded["bfloat16"].dtype == mx.bfloat16 and loaded["half"].dtype == mx.float16
     for name, tensor in state.items():
-        expected = tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+        expected = tensor.detach().float().numpy() if tensor.is_floating_point() else tensor.numpy()
         got = np.array(loaded[name].astype(mx.float32) if tensor.is_floating_point() else loaded[name])
         assert got.shape == expected.shape and np.array_equal(got, expected), name
 
