@@ -2,8 +2,11 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .encoding import BatchEncoding
 from .errors import XGLMError
+from .forward import XGLMCausalLMOutput, XGLMModelOutput
 from .loading import load
+from .loss import causal_lm_loss
 from .model import XGLMConfig, XGLMForCausalLM, XGLMModel
 from .tokenizer import XGLMTokenizer
 
@@ -13,6 +16,10 @@ except PackageNotFoundError:
     __version__ = "0.0.0"
 
 __all__ = [
+    "BatchEncoding",
+    "XGLMCausalLMOutput",
+    "XGLMModelOutput",
+    "causal_lm_loss",
     "XGLMConfig",
     "XGLMError",
     "XGLMForCausalLM",

@@ -15,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .cache import KVCache
+from .forward import causal_lm_forward, model_forward
 
 # fairseq reserves rows 0 and 1 of the position table (row 1 is the padding row), so the first real token
 # reads row 2.
@@ -130,6 +131,14 @@ class XGLMAttention(nn.Module):
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
+    def project_heads(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values [B, heads, L, head_dim] of `x`, for the explicit path in forward.py."""
+        B, L, _ = x.shape
+        return tuple(
+            proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+
 
 class XGLMDecoderLayer(nn.Module):
     """Pre-LayerNorm block: x + attn(LN(x)), then x + fc2(act(fc1(LN(x))))."""
@@ -194,6 +203,9 @@ class XGLMModel(nn.Module):
             h = layer(h, mask, layer_cache)
         return self.layer_norm(h)
 
+    # The full forward (masks, inputs_embeds, hidden states, attentions, head_mask, training dropout).
+    forward = model_forward
+
 
 class XGLMForCausalLM(nn.Module):
     """XGLMModel plus the language-model head, tied to the token embedding."""
@@ -214,6 +226,9 @@ class XGLMForCausalLM(nn.Module):
         """Logits [B, L, vocab_size] for token ids [B, L]; see `XGLMModel.__call__` for the options."""
         h = self.model(inputs, cache=cache, mask=mask, position_ids=position_ids)
         return self.model.embed_tokens.as_linear(h)
+
+    # The full forward with `labels` -> `loss`; see forward.py.
+    forward = causal_lm_forward
 
     @property
     def layers(self) -> list[XGLMDecoderLayer]:

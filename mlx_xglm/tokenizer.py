@@ -5,15 +5,21 @@ Id for id equal to transformers 4.56's slow XGLMTokenizer.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
 
+from .encoding import BatchEncoding, encode_batch
 from .errors import XGLMError
 
 SPIECE_UNDERLINE = "\u2581"
 VOCAB_FILE = "sentencepiece.bpe.model"
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 NUM_MADEUP_WORDS = 7
 
 
@@ -21,15 +27,29 @@ class XGLMTokenizer:
     """Encode text to XGLM ids and back.
 
     `vocab_file` is a checkpoint's `sentencepiece.bpe.model`. `sp_model_kwargs` go to sentencepiece's
-    processor (e.g. `enable_sampling`, `nbest_size`, `alpha` for subword regularisation).
+    processor (e.g. `enable_sampling`, `nbest_size`, `alpha` for subword regularisation). `padding_side`
+    ("left", what batched generation needs, or "right") and `truncation_side` ("right" or "left") are the
+    defaults of `__call__`; `model_max_length` is the length `truncation=True` works to without a
+    `max_length` (None: no limit).
     """
 
     bos_token, pad_token, eos_token, unk_token = "<s>", "<pad>", "</s>", "<unk>"
     bos_token_id, pad_token_id, eos_token_id, unk_token_id = 0, 1, 2, 3
+    # transformers' XGLMTokenizer separates pairs with </s> and names <s> its cls token.
+    sep_token, cls_token = "</s>", "<s>"
+    sep_token_id, cls_token_id = 2, 0
+    model_input_names = ["input_ids", "attention_mask"]
     # fairseq's dictionary puts its four specials first; sentencepiece piece i (i >= 1) becomes i + 1.
     fairseq_offset = 1
 
-    def __init__(self, vocab_file: str | Path, sp_model_kwargs: dict | None = None):
+    def __init__(
+        self,
+        vocab_file: str | Path,
+        sp_model_kwargs: dict | None = None,
+        padding_side: str = "left",
+        truncation_side: str = "right",
+        model_max_length: int | None = None,
+    ):
         vocab_file = Path(vocab_file)
         if not vocab_file.is_file():
             raise XGLMError(
@@ -37,6 +57,9 @@ class XGLMTokenizer:
                 f"{VOCAB_FILE} that ships with every facebook/xglm-* repository"
             )
         self.vocab_file = vocab_file
+        self.padding_side = padding_side
+        self.truncation_side = truncation_side
+        self.model_max_length = model_max_length
         self.sp_model_kwargs = dict(sp_model_kwargs or {})
         self.sp_model = spm.SentencePieceProcessor(**self.sp_model_kwargs)
         try:
@@ -56,8 +79,27 @@ class XGLMTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> XGLMTokenizer:
-        """Load from a checkpoint folder holding `sentencepiece.bpe.model`."""
-        return cls(Path(path) / VOCAB_FILE, **kwargs)
+        """Load from a checkpoint folder holding `sentencepiece.bpe.model`.
+
+        `model_max_length`, `padding_side`, `truncation_side` and `sp_model_kwargs` are read from its
+        `tokenizer_config.json` when present; keyword arguments override them.
+        """
+        path = Path(path)
+        settings = {}
+        config_file = path / CONFIG_FILE
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise XGLMError(f"{config_file} is not valid JSON: {e}") from None
+            if not isinstance(config, dict):
+                raise XGLMError(f"{config_file} must hold a JSON object")
+            keys = ("model_max_length", "padding_side", "truncation_side", "sp_model_kwargs")
+            settings = {k: config[k] for k in keys if config.get(k) is not None}
+            # transformers stores "no limit" as a huge number (int(1e30)).
+            if settings.get("model_max_length", 0) > 10**20:
+                del settings["model_max_length"]
+        return cls(path / VOCAB_FILE, **{**settings, **kwargs})
 
     @property
     def vocab_size(self) -> int:
@@ -86,8 +128,17 @@ class XGLMTokenizer:
         ]
 
     def tokenize(self, text: str) -> list[str]:
-        """The pieces of `text`, special tokens kept whole; no leading `</s>`."""
-        return self.convert_ids_to_tokens(self.encode(text, add_special_tokens=False))
+        """The pieces of `text`, special tokens kept whole; no leading `</s>`.
+
+        As transformers, an unknown character stays itself here (its id is `<unk>`'s).
+        """
+        pieces = []
+        for part in self._split_special(text):
+            if part in self.special_tokens_to_ids:
+                pieces.append(part)
+            else:
+                pieces.extend(self.sp_model.encode(part, out_type=str))
+        return pieces
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Ids of `text`; with `add_special_tokens` the sequence starts with `</s>` (id 2), as fairseq's."""
@@ -137,3 +188,143 @@ class XGLMTokenizer:
             ids = ids.tolist()
         tokens = self.convert_ids_to_tokens(list(ids), skip_special_tokens=skip_special_tokens)
         return self.convert_tokens_to_string(tokens)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        """`decode` of each row of `sequences`."""
+        if hasattr(sequences, "tolist"):
+            sequences = sequences.tolist()
+        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in sequences]
+
+    def get_vocab(self) -> dict[str, int]:
+        """Every token and its id, special tokens included."""
+        vocab = {self.convert_id_to_token(i): i for i in range(self.vocab_size)}
+        vocab.update(self.special_tokens_to_ids)
+        return vocab
+
+    def build_inputs_with_special_tokens(self, ids_0: list[int], ids_1: list[int] | None = None) -> list[int]:
+        """`</s> A`, or `</s> A </s> </s> B` for a pair (fairseq's layout, kept by transformers)."""
+        if ids_1 is None:
+            return [self.sep_token_id, *ids_0]
+        return [self.sep_token_id, *ids_0, self.sep_token_id, self.sep_token_id, *ids_1]
+
+    def get_special_tokens_mask(
+        self, ids_0: list[int], ids_1: list[int] | None = None, already_has_special_tokens: bool = False
+    ) -> list[int]:
+        """1 where `build_inputs_with_special_tokens` puts a special token, 0 elsewhere.
+
+        With `already_has_special_tokens`, `ids_0` is a finished sequence and every special id in it is
+        marked (`ids_1` must then be None).
+        """
+        if already_has_special_tokens:
+            if ids_1 is not None:
+                raise XGLMError("ids_1 must be None when already_has_special_tokens=True")
+            return [int(i in self.all_special_ids) for i in ids_0]
+        if ids_1 is None:
+            return [1] + [0] * len(ids_0)
+        return [1] + [0] * len(ids_0) + [1, 1] + [0] * len(ids_1)
+
+    def create_token_type_ids_from_sequences(
+        self, ids_0: list[int], ids_1: list[int] | None = None
+    ) -> list[int]:
+        """All zeros, one per id of the built sequence: XGLM has no token types."""
+        return [0] * len(self.build_inputs_with_special_tokens(ids_0, ids_1))
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return 3 if pair else 1
+
+    def __call__(
+        self,
+        text: str | list[str],
+        text_pair: str | list[str] | None = None,
+        add_special_tokens: bool = True,
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: str | None = None,
+        return_attention_mask: bool = True,
+    ) -> BatchEncoding:
+        """Encode a text, a pair, or a batch of them, the way transformers' tokenizer call does.
+
+        `padding`: False, True/"longest" (to the longest in the batch) or "max_length"; `padding_side`
+        overrides the tokenizer's ("left" by default). `truncation`: None/False, True/"longest_first",
+        "only_first" or "only_second", to `max_length` (or `model_max_length`), special tokens counted; a
+        `max_length` alone truncates longest_first. `return_tensors`: None (lists), "np" or "mlx" (a single
+        text then gets a batch axis). Returns a BatchEncoding with `input_ids` and `attention_mask`.
+        """
+        return encode_batch(
+            self,
+            text,
+            text_pair,
+            add_special_tokens=add_special_tokens,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side or self.padding_side,
+            return_tensors=return_tensors,
+            return_attention_mask=return_attention_mask,
+        )
+
+    def save_vocabulary(self, save_directory: str | Path, filename_prefix: str | None = None) -> tuple[str]:
+        """Write the sentencepiece model into the existing `save_directory`; returns its path in a tuple."""
+        folder = Path(save_directory)
+        if not folder.is_dir():
+            raise XGLMError(f"save_vocabulary: {folder} is not a directory")
+        name = (f"{filename_prefix}-" if filename_prefix else "") + VOCAB_FILE
+        target = folder / name
+        _write_atomically(target, self.sp_model.serialized_model_proto())
+        return (str(target),)
+
+    def save_pretrained(self, save_directory: str | Path) -> tuple[str, ...]:
+        """Write the tokenizer files transformers' XGLMTokenizer.from_pretrained (and ours) load.
+
+        `sentencepiece.bpe.model`, `tokenizer_config.json` and `special_tokens_map.json`, each written to
+        a temporary file and moved into place; the folder is created when missing.
+        """
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        specials = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "unk_token": self.unk_token,
+            "sep_token": self.sep_token,
+            "cls_token": self.cls_token,
+            "pad_token": self.pad_token,
+            "additional_special_tokens": self.madeup_words,
+        }
+        flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        config = {
+            "added_tokens_decoder": {
+                str(i): {"content": token, **flags} for i, token in sorted(self.ids_to_special_tokens.items())
+            },
+            **specials,
+            "clean_up_tokenization_spaces": False,
+            "padding_side": self.padding_side,
+            "truncation_side": self.truncation_side,
+            "sp_model_kwargs": self.sp_model_kwargs,
+            "tokenizer_class": "XGLMTokenizer",
+        }
+        if self.model_max_length is not None:
+            config["model_max_length"] = self.model_max_length
+        (vocab,) = self.save_vocabulary(folder)
+        written = [vocab]
+        for name, content in ((CONFIG_FILE, config), (SPECIAL_TOKENS_FILE, specials)):
+            text = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
+            _write_atomically(folder / name, text.encode("utf-8"))
+            written.append(str(folder / name))
+        return tuple(written)
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        # mkstemp makes owner-only files; saved tokenizers are ordinary readable files.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
