@@ -2,12 +2,16 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .batch import batch_generate
+from .cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 from .encoding import BatchEncoding
 from .errors import XGLMError
 from .forward import XGLMCausalLMOutput, XGLMModelOutput
+from .generate import generate, generate_step, stream_generate
 from .loading import load
 from .loss import causal_lm_loss
 from .model import XGLMConfig, XGLMForCausalLM, XGLMModel
+from .sample_utils import make_logits_processors, make_sampler
 from .tokenizer import XGLMTokenizer
 
 try:
@@ -26,5 +30,14 @@ __all__ = [
     "XGLMModel",
     "XGLMTokenizer",
     "__version__",
+    "batch_generate",
+    "generate",
+    "generate_step",
     "load",
+    "load_prompt_cache",
+    "make_logits_processors",
+    "make_prompt_cache",
+    "make_sampler",
+    "save_prompt_cache",
+    "stream_generate",
 ]

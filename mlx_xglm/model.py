@@ -197,7 +197,10 @@ class XGLMModel(nn.Module):
         else:
             positions = self.embed_positions(position_ids)
         h = h + positions.astype(h.dtype)
-        if mask is None and inputs.shape[1] > 1:
+        if mask is None and cache[0] is not None and hasattr(cache[0], "make_mask"):
+            # A rotating cache needs an explicit mask once its window wraps.
+            mask = cache[0].make_mask(inputs.shape[1])
+        elif mask is None and inputs.shape[1] > 1:
             mask = "causal"
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = layer(h, mask, layer_cache)

@@ -140,8 +140,16 @@ class XGLMTokenizer:
                 pieces.extend(self.sp_model.encode(part, out_type=str))
         return pieces
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Ids of `text`; with `add_special_tokens` the sequence starts with `</s>` (id 2), as fairseq's."""
+    def encode(self, text: str, add_special_tokens: bool = True, newlines: str = "space") -> list[int]:
+        """Ids of `text`; with `add_special_tokens` the sequence starts with `</s>` (id 2), as fairseq's.
+
+        `newlines="space"` (transformers) lets sentencepiece turn a newline into a space; `newlines="eos"`
+        encodes each newline as `</s>`, the way XGLM saw line breaks in training.
+        """
+        if newlines == "eos":
+            text = text.replace("\r\n", "\n").replace("\n", self.eos_token)
+        elif newlines != "space":
+            raise ValueError(f"newlines must be 'space' or 'eos', got {newlines!r}")
         ids = [self.eos_token_id] if add_special_tokens else []
         for part in self._split_special(text):
             if part in self.special_tokens_to_ids:

@@ -56,3 +56,22 @@ def pytest_runtest_makereport(item, call):
 def transformers():
     """transformers 4.56, the reference implementation (dev extra)."""
     return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="session")
+def lively_checkpoint(tmp_path_factory, sp_model) -> Path:
+    """A tiny model whose greedy output changes token to token.
+
+    With the default fixture the residual stream is dominated by the input token's own (tied) embedding,
+    so greedy decoding repeats the last prompt token. Unscaled embeddings and 4x stronger attention and
+    MLP outputs break that, which makes decoding tests see varied, multilingual text.
+    """
+    from xglm_fixtures import hub_config, random_weights
+
+    weights = random_weights(hub_config(scale_embedding=False), seed=0)
+    for name in weights:
+        if name.endswith(("fc2.weight", "out_proj.weight")):
+            weights[name] *= 4
+    return build_checkpoint(
+        tmp_path_factory.mktemp("lively"), sp_model, weights=weights, scale_embedding=False
+    )

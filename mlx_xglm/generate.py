@@ -1,0 +1,242 @@
+"""The decoding loop: generate_step, stream_generate and generate."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .cache import check_prompt_cache, make_prompt_cache
+from .detokenizer import StreamingDetokenizer
+from .sample_utils import LogitsProcessor, Sampler, greedy
+
+# Generation runs on its own stream so queued work of the caller does not interleave with it.
+generation_stream = mx.new_stream(mx.default_device())
+CLEAR_CACHE_EVERY = 256
+
+
+def generate_step(
+    prompt: mx.array,
+    model,
+    *,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: list[LogitsProcessor] | None = None,
+    prompt_cache: list | None = None,
+    prefill_step_size: int = 512,
+    max_kv_size: int | None = None,
+) -> Generator[tuple[int, mx.array], None, None]:
+    """Yield `(token, logprobs)` for each new token after `prompt` (1-D ids), up to `max_tokens`.
+
+    The prompt is read in chunks of `prefill_step_size` tokens. `prompt_cache` (from `make_prompt_cache`
+    or `load_prompt_cache`) is updated in place and may already hold earlier tokens: only the new `prompt`
+    is read then. Without one, a fresh cache is made, rotating when `max_kv_size` is set. `max_tokens=0`
+    only reads the prompt into the cache. Each step is queued before the previous token is handed out.
+    """
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ValueError(f"prompt must be a non-empty 1-D array of token ids, got shape {prompt.shape}")
+    if prefill_step_size < 1:
+        raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
+    if prompt_cache is None:
+        prompt_cache = make_prompt_cache(model, max_kv_size)
+    else:
+        check_prompt_cache(model, prompt_cache)
+    sampler = sampler or greedy
+    tokens = prompt
+
+    def step(inputs: mx.array, is_prompt: bool = False) -> tuple[mx.array, mx.array]:
+        nonlocal tokens
+        with mx.stream(generation_stream):
+            logits = model(inputs[None], cache=prompt_cache)[:, -1, :]
+            if logits_processors:
+                if not is_prompt:
+                    tokens = mx.concatenate([tokens, inputs])
+                for processor in logits_processors:
+                    logits = processor(tokens, logits)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            return sampler(logprobs), logprobs.squeeze(0)
+
+    with mx.stream(generation_stream):
+        while prompt.size > prefill_step_size:
+            model(prompt[:prefill_step_size][None], cache=prompt_cache)
+            mx.eval([c.state for c in prompt_cache])
+            prompt = prompt[prefill_step_size:]
+            mx.clear_cache()
+
+    y, logprobs = step(prompt, is_prompt=True)
+    mx.async_eval(y, logprobs)
+    n = 0
+    while True:
+        if n != max_tokens:
+            next_y, next_logprobs = step(y)
+            mx.async_eval(next_y, next_logprobs)
+        if n == 0:
+            mx.eval(y)
+        if n == max_tokens:
+            break
+        yield y.item(), logprobs
+        if n % CLEAR_CACHE_EVERY == 0:
+            mx.clear_cache()
+        y, logprobs = next_y, next_logprobs
+        n += 1
+
+
+@dataclass
+class GenerationResponse:
+    """One step of `stream_generate`; field names as mlx-lm's."""
+
+    text: str
+    token: int
+    logprobs: mx.array
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: str | None = None
+
+
+class TextStream:
+    """Token ids in, final text out: detokenizes, holds back text while a stop string may be forming, and
+    decides when generation stops (`</s>`, a stop string, or two `</s>` in a row in newline mode)."""
+
+    def __init__(self, tokenizer, stop: Iterable[str] | None = None, newlines: str = "space"):
+        self.detokenizer = StreamingDetokenizer(tokenizer, newlines)
+        self.eos_id = tokenizer.eos_token_id
+        self.newlines = newlines
+        self.stop = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
+        self._pending = ""
+        self._previous = None
+        self.finish_reason = None
+
+    def add(self, token: int) -> str:
+        """Text that is final after `token`; sets `finish_reason` to "stop" when generation must end."""
+        ends_doc = token == self.eos_id and (self.newlines == "space" or self._previous == self.eos_id)
+        self._previous = token
+        if ends_doc:
+            self.finish_reason = "stop"
+            return self.flush()
+        self.detokenizer.add_token(token)
+        self._pending += self.detokenizer.last_segment
+        hits = [i for i in (self._pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.finish_reason = "stop"
+            text, self._pending = self._pending[: min(hits)], ""
+            return text
+        # Hold back the longest end of the text that could still grow into a stop string.
+        ends = (k for s in self.stop for k in range(1, len(s)) if self._pending.endswith(s[:k]))
+        hold = max(ends, default=0)
+        cut = len(self._pending) - hold
+        text, self._pending = self._pending[:cut], self._pending[cut:]
+        return text
+
+    def flush(self) -> str:
+        """The rest of the text at the end of generation."""
+        self.detokenizer.finalize()
+        text = self._pending + self.detokenizer.last_segment
+        self._pending = ""
+        return text
+
+
+def _prompt_ids(tokenizer, prompt, prompt_cache, newlines: str) -> mx.array:
+    if isinstance(prompt, str):
+        # Continuing a cache that already holds tokens: no second leading </s>.
+        fresh = prompt_cache is None or prompt_cache[0].offset == 0
+        return mx.array(tokenizer.encode(prompt, add_special_tokens=fresh, newlines=newlines))
+    return prompt if isinstance(prompt, mx.array) else mx.array(list(prompt))
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: str | list[int] | mx.array,
+    max_tokens: int = 256,
+    *,
+    sampler: Sampler | None = None,
+    logits_processors: list[LogitsProcessor] | None = None,
+    prompt_cache: list | None = None,
+    stop: str | list[str] | None = None,
+    newlines: str = "space",
+    **kwargs,
+) -> Generator[GenerationResponse, None, None]:
+    """Yield a `GenerationResponse` per generated token.
+
+    `prompt` is text, a list of ids or an `mx.array`. Generation ends at `</s>` or at any of the `stop`
+    strings (which are not part of the text), with `finish_reason` "stop", or after `max_tokens` with
+    "length". `newlines="eos"` encodes "\\n" in a text prompt as `</s>`, shows a generated `</s>` as "\\n"
+    and ends on two in a row. Other keyword arguments (`prefill_step_size`, `max_kv_size`) go to
+    `generate_step`.
+    """
+    ids = _prompt_ids(tokenizer, prompt, prompt_cache, newlines)
+    stream = TextStream(tokenizer, stop, newlines)
+    tic = time.perf_counter()
+    steps = generate_step(
+        ids,
+        model,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=logits_processors,
+        prompt_cache=prompt_cache,
+        **kwargs,
+    )
+    prompt_tps = 0.0
+    for n, (token, logprobs) in enumerate(steps):
+        if n == 0:
+            prompt_time = time.perf_counter() - tic
+            prompt_tps = ids.size / prompt_time
+            tic = time.perf_counter()
+        text = stream.add(token)
+        if stream.finish_reason is None and n + 1 == max_tokens:
+            stream.finish_reason = "length"
+            text += stream.flush()
+        yield GenerationResponse(
+            text=text,
+            token=token,
+            logprobs=logprobs,
+            prompt_tokens=ids.size,
+            prompt_tps=prompt_tps,
+            generation_tokens=n + 1,
+            generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=stream.finish_reason,
+        )
+        if stream.finish_reason is not None:
+            break
+
+
+def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
+    """The generated text for `prompt`; `verbose` streams it to stdout and prints mlx-lm's footer.
+
+    Keyword arguments are those of `stream_generate`.
+    """
+    if verbose:
+        print("=" * 10)
+    text = ""
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose:
+        print()
+        print("=" * 10)
+        if response is None:
+            print("No text generated for this prompt")
+            return text
+        print_stats(
+            response.prompt_tokens,
+            response.prompt_tps,
+            response.generation_tokens,
+            response.generation_tps,
+            response.peak_memory,
+        )
+    return text
+
+
+def print_stats(prompt_tokens, prompt_tps, generation_tokens, generation_tps, peak_memory) -> None:
+    """Print mlx-lm's stats footer, which users and scripts parse."""
+    print(f"Prompt: {prompt_tokens} tokens, {prompt_tps:.3f} tokens-per-sec")
+    print(f"Generation: {generation_tokens} tokens, {generation_tps:.3f} tokens-per-sec")
+    print(f"Peak memory: {peak_memory:.3f} GB")
