@@ -12,7 +12,7 @@ import sys
 
 from mlx_xglm import XGLMError, __version__
 
-COMMANDS: list[str] = []
+COMMANDS: list[str] = ["bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
