@@ -20,6 +20,7 @@ COMMANDS: list[str] = [
     "generate",
     "chat",
     "convert",
+    "bench",
 ]
 
 EXAMPLES = """\
@@ -27,6 +28,7 @@ examples:
   mlx-xglm generate --prompt "The capital of France is"
   mlx-xglm chat --model ./xglm-564M
   mlx-xglm convert --hf-path facebook/xglm-564M -q --mlx-path xglm-564M-4bit
+  mlx-xglm bench --preset 564M
   mlx-xglm COMMAND --help
 
 Set MLX_XGLM_DEBUG=1 to see the full traceback of an error.

@@ -1,0 +1,166 @@
+"""Side by side: mlx-xglm against mlx-lm's GPT-2 at XGLM's widths and transformers + torch running XGLM.
+
+Not part of the test suite. Every implementation gets random weights of the same shape; trials alternate
+between implementations so that machine noise hits all of them alike. Writes a markdown table.
+
+    python benchmarks/compare.py --preset 564M --prompt-tokens 128 --gen-tokens 32 --trials 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_xglm.bench import PRESETS, random_model, run_trial
+
+
+def mlx_lm_runner(shape: dict, dtype: str, q_bits: int | None, q_group_size: int):
+    """mlx-lm's GPT-2 (pre-LN, GELU MLP, tied embedding) at XGLM's widths, driven by mlx-lm's loop."""
+    import mlx.nn as nn
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models import gpt2
+
+    args = gpt2.ModelArgs(
+        model_type="gpt2",
+        n_ctx=2048,
+        n_embd=shape["d_model"],
+        n_head=shape["attention_heads"],
+        n_layer=shape["num_layers"],
+        n_positions=2048,
+        layer_norm_epsilon=1e-5,
+        vocab_size=256008,
+    )
+    model = gpt2.Model(args)
+    model.set_dtype(getattr(mx, dtype))
+    if q_bits:
+        nn.quantize(model, group_size=q_group_size, bits=q_bits)
+    mx.eval(model.parameters())
+
+    def trial(prompt_tokens, gen_tokens):
+        prompt = mx.random.randint(4, 256008, (prompt_tokens,))
+        mx.eval(prompt)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        tokens = generate_step(prompt, model, max_tokens=gen_tokens)
+        next(tokens)
+        first = time.perf_counter()
+        count = 1 + sum(1 for _ in tokens)
+        end = time.perf_counter()
+        return prompt_tokens / (first - start), (count - 1) / (end - first), mx.get_peak_memory() / 1e9
+
+    return trial
+
+
+def mlx_xglm_runner(preset: str, layers: int, dtype: str, q_bits: int | None, q_group_size: int):
+    model = random_model(preset, layers, dtype, q_bits, q_group_size)
+
+    def trial(prompt_tokens, gen_tokens):
+        t = run_trial(model, prompt_tokens, gen_tokens, model.config.vocab_size)
+        return t.prompt_tps, t.generation_tps, t.peak_memory
+
+    return trial
+
+
+def torch_runner(shape: dict, dtype: str):
+    """transformers' XGLMForCausalLM on torch's CPU backend, greedy with its KV cache."""
+    import torch
+    import transformers
+
+    config = transformers.XGLMConfig(vocab_size=256008, **shape)
+    model = transformers.XGLMForCausalLM(config).eval().to(getattr(torch, dtype))
+
+    @torch.no_grad()
+    def trial(prompt_tokens, gen_tokens):
+        ids = torch.randint(4, 256008, (1, prompt_tokens))
+        start = time.perf_counter()
+        out = model(ids, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        first = time.perf_counter()
+        past = out.past_key_values
+        for _ in range(gen_tokens - 1):
+            out = model(token, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+        end = time.perf_counter()
+        return prompt_tokens / (first - start), (gen_tokens - 1) / (end - first), None
+
+    return trial
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=list(PRESETS), default="564M")
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--q-bits", type=int)
+    parser.add_argument("--q-group-size", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--gen-tokens", type=int, default=32)
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--no-torch", action="store_true", help="skip transformers + torch")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS.md"))
+    args = parser.parse_args()
+
+    shape = dict(PRESETS[args.preset])
+    if args.layers:
+        shape["num_layers"] = args.layers
+    runners = {
+        "mlx-xglm": mlx_xglm_runner(args.preset, args.layers, args.dtype, args.q_bits, args.q_group_size)
+    }
+    try:
+        runners["mlx-lm GPT-2, same widths"] = mlx_lm_runner(
+            shape, args.dtype, args.q_bits, args.q_group_size
+        )
+    except ImportError:
+        print("mlx-lm is not installed: skipping it")
+    if not args.no_torch and not args.q_bits:
+        try:
+            runners["transformers + torch, XGLM"] = torch_runner(shape, args.dtype)
+        except ImportError:
+            print("transformers/torch are not installed: skipping them")
+
+    results = {name: [] for name in runners}
+    for run in runners.values():
+        run(min(args.prompt_tokens, 16), 2)  # warm-up
+    for i in range(args.trials):
+        for name, run in runners.items():
+            prompt_tps, gen_tps, peak = run(args.prompt_tokens, args.gen_tokens)
+            results[name].append((prompt_tps, gen_tps, peak))
+            print(f"trial {i + 1} {name}: prompt {prompt_tps:.1f} tok/s, generation {gen_tps:.2f} tok/s")
+
+    ours = statistics.median(r[1] for r in results["mlx-xglm"])
+    ours_prompt = statistics.median(r[0] for r in results["mlx-xglm"])
+    rows = [
+        f"{args.preset} shapes ({shape['num_layers']} layers), {args.dtype}"
+        + (f", {args.q_bits}-bit g{args.q_group_size}" if args.q_bits else "")
+        + f", {args.prompt_tokens}-token prompt, {args.gen_tokens} generated tokens, median of "
+        f"{args.trials} alternating trials; {platform.machine()} {platform.system()}, "
+        f"MLX {mx.__version__} on {mx.default_device()}",
+        "",
+        "| implementation | prompt tok/s | decode tok/s | peak memory (GB) | decode vs mlx-xglm |",
+        "|---|---|---|---|---|",
+    ]
+    for name, values in results.items():
+        prompt = statistics.median(v[0] for v in values)
+        gen = statistics.median(v[1] for v in values)
+        peaks = [v[2] for v in values if v[2] is not None]
+        peak = f"{max(peaks):.2f}" if peaks else "n/a"
+        rows.append(f"| {name} | {prompt:.1f} | {gen:.2f} | {peak} | {gen / ours:.2f}x |")
+    rows.append("")
+    rows.append(f"mlx-xglm prompt/decode medians: {ours_prompt:.1f} / {ours:.2f} tok/s")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with args.output.open("a", encoding="utf-8") as f:
+        f.write("\n".join(rows) + "\n\n")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""`mlx-xglm bench`: prompt and generation speed, peak memory and the decoding bandwidth ceiling."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+from rich.console import Console
+from rich.table import Table
+
+from mlx_xglm import XGLMError, load
+from mlx_xglm.bench import DTYPES, PRESETS, benchmark, random_model
+
+EXAMPLES = """\
+examples:
+  mlx-xglm bench --preset 564M
+  mlx-xglm bench --preset 7.5B --layers 4 --dtype float16 --q-bits 4
+  mlx-xglm bench --model mlx_model --prompt-tokens 128 --gen-tokens 32 --json
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure prompt and generation speed",
+        description="Measure prompt tokens/s, generation tokens/s, time to first token, peak memory and "
+        "the memory-bandwidth ceiling for decoding, over several trials.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="a local folder or Hub repo id to benchmark")
+    source.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="random weights in the shape of a released checkpoint (default: 564M)",
+    )
+    parser.add_argument("--layers", type=int, help="keep only the first N layers of a preset")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="weight dtype (preset default: float32)")
+    parser.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="quantize to this many bits")
+    parser.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    parser.set_defaults(run=run)
+
+
+def _model(args):
+    if args.model is None:
+        preset = args.preset or "564M"
+        model = random_model(preset, args.layers, args.dtype or "float32", args.q_bits, args.q_group_size)
+        return model, {"preset": preset, "layers": model.config.num_layers}
+    if args.layers is not None:
+        raise XGLMError("--layers applies to --preset only, not to --model")
+    model, _ = load(args.model)
+    if args.dtype:
+        model.set_dtype(DTYPES[args.dtype])
+    if args.q_bits is not None:
+        nn.quantize(model, group_size=args.q_group_size, bits=args.q_bits)
+    mx.eval(model.parameters())
+    return model, {"model": args.model, "layers": model.config.num_layers}
+
+
+def run(args) -> int:
+    err = Console(stderr=True)
+    with err.status("building the model"):
+        model, config = _model(args)
+    config.update(
+        dtype=args.dtype or "float32",
+        q_bits=args.q_bits,
+        q_group_size=args.q_group_size if args.q_bits else None,
+        prompt_tokens=args.prompt_tokens,
+        gen_tokens=args.gen_tokens,
+        device=str(mx.default_device()),
+    )
+
+    def progress(i, trial):
+        err.print(
+            f"trial {i + 1}/{args.trials}: prompt {trial.prompt_tps:.1f} tok/s, "
+            f"generation {trial.generation_tps:.2f} tok/s"
+        )
+
+    result = benchmark(model, config, args.prompt_tokens, args.gen_tokens, args.trials, progress)
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    table = Table(title=f"mlx-xglm bench: {config.get('preset') or config.get('model')}")
+    table.add_column("metric")
+    table.add_column("min", justify="right")
+    table.add_column("median", justify="right")
+    for label, name, fmt in [
+        ("prompt tokens/s", "prompt_tps", "{:.1f}"),
+        ("generation tokens/s", "generation_tps", "{:.2f}"),
+        ("time to first token (s)", "ttft", "{:.3f}"),
+        ("peak memory (GB)", "peak_memory", "{:.3f}"),
+    ]:
+        table.add_row(label, fmt.format(result.stat(name, "min")), fmt.format(result.stat(name, "median")))
+    table.add_row("decode ceiling tokens/s", "", f"{summary['ceiling_tps']:.2f}")
+    table.add_row("fraction of ceiling", "", f"{summary['ceiling_fraction']:.0%}")
+    Console(file=sys.stdout).print(table)
+    print(
+        f"weights {summary['weight_gb']:.3f} GB read per token, copy bandwidth "
+        f"{summary['bandwidth_gbs']:.1f} GB/s, {config['device']}"
+    )
+    return 0
