@@ -42,17 +42,8 @@ def mlx_lm_runner(shape: dict, dtype: str, q_bits: int | None, q_group_size: int
     mx.eval(model.parameters())
 
     def trial(prompt_tokens, gen_tokens):
-        prompt = mx.random.randint(4, 256008, (prompt_tokens,))
-        mx.eval(prompt)
-        mx.clear_cache()
-        mx.reset_peak_memory()
-        start = time.perf_counter()
-        tokens = generate_step(prompt, model, max_tokens=gen_tokens)
-        next(tokens)
-        first = time.perf_counter()
-        count = 1 + sum(1 for _ in tokens)
-        end = time.perf_counter()
-        return prompt_tokens / (first - start), (count - 1) / (end - first), mx.get_peak_memory() / 1e9
+        t = run_trial(model, prompt_tokens, gen_tokens, args.vocab_size, step=generate_step)
+        return t.prompt_tps, t.generation_tps, t.peak_memory
 
     return trial
 

@@ -7,29 +7,25 @@ not a terminal.
 
 from __future__ import annotations
 
-import io
 import sys
-from contextlib import contextmanager, nullcontext, redirect_stdout
+from contextlib import contextmanager, nullcontext
 
 from rich.console import Console
 
-from mlx_xglm.generate import print_stats
+from mlx_xglm.generate import stats_lines
 
 RULE = "=" * 10
 
 
 def footer_lines(response) -> list[str]:
     """The footer of mlx-lm's verbose generate, which users and scripts parse, for a final response."""
-    # print_stats is the one place the footer's wording lives; here it is routed to rich instead of stdout.
-    with redirect_stdout(io.StringIO()) as printed:
-        print_stats(
-            response.prompt_tokens,
-            response.prompt_tps,
-            response.generation_tokens,
-            response.generation_tps,
-            response.peak_memory,
-        )
-    return printed.getvalue().splitlines()
+    return stats_lines(
+        response.prompt_tokens,
+        response.prompt_tps,
+        response.generation_tokens,
+        response.generation_tps,
+        response.peak_memory,
+    )
 
 
 def turn_stats(response) -> str:

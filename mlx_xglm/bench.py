@@ -96,14 +96,20 @@ class Trial:
     peak_memory: float
 
 
-def run_trial(model: nn.Module, prompt_tokens: int, gen_tokens: int, vocab_size: int) -> Trial:
-    """One timed generation from a random prompt: prefill, first token, then `gen_tokens - 1` more."""
+def run_trial(
+    model: nn.Module, prompt_tokens: int, gen_tokens: int, vocab_size: int, step=generate_step
+) -> Trial:
+    """One timed generation from a random prompt: prefill, first token, then `gen_tokens - 1` more.
+
+    `step` is the decoding loop, `generate_step(prompt, model, max_tokens=...)`: ours by default; the
+    comparison script passes mlx-lm's to time it the same way.
+    """
     prompt = mx.random.randint(4, vocab_size, (prompt_tokens,))
     mx.eval(prompt)
     mx.clear_cache()
     mx.reset_peak_memory()
     start = time.perf_counter()
-    tokens = generate_step(prompt, model, max_tokens=gen_tokens)
+    tokens = step(prompt, model, max_tokens=gen_tokens)
     next(tokens)
     first = time.perf_counter()
     count = 1 + sum(1 for _ in tokens)

@@ -235,8 +235,15 @@ def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
     return text
 
 
+def stats_lines(prompt_tokens, prompt_tps, generation_tokens, generation_tps, peak_memory) -> list[str]:
+    """The lines of mlx-lm's stats footer, which users and scripts parse."""
+    return [
+        f"Prompt: {prompt_tokens} tokens, {prompt_tps:.3f} tokens-per-sec",
+        f"Generation: {generation_tokens} tokens, {generation_tps:.3f} tokens-per-sec",
+        f"Peak memory: {peak_memory:.3f} GB",
+    ]
+
+
 def print_stats(prompt_tokens, prompt_tps, generation_tokens, generation_tps, peak_memory) -> None:
-    """Print mlx-lm's stats footer, which users and scripts parse."""
-    print(f"Prompt: {prompt_tokens} tokens, {prompt_tps:.3f} tokens-per-sec")
-    print(f"Generation: {generation_tokens} tokens, {generation_tps:.3f} tokens-per-sec")
-    print(f"Peak memory: {peak_memory:.3f} GB")
+    """Print mlx-lm's stats footer."""
+    print("\n".join(stats_lines(prompt_tokens, prompt_tps, generation_tokens, generation_tps, peak_memory)))
