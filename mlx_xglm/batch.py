@@ -88,6 +88,7 @@ def batch_generate(
                 cache=cache,
                 mask=_pad_mask(key_real[:, :end], end - start, dtype),
                 position_ids=positions[:, start:end],
+                logits_to_keep=1,
             )
             mx.eval([c.state for c in cache])
         last_pos = positions[:, -1:]

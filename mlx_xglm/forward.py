@@ -246,7 +246,7 @@ def causal_lm_forward(
         output_hidden_states=output_hidden_states,
         head_mask=head_mask,
     )
-    logits = self.model.embed_tokens.as_linear(out.last_hidden_state)
+    logits = self.head(out.last_hidden_state)
     loss = None
     if labels is not None:
         loss = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch)

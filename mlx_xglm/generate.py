@@ -49,7 +49,7 @@ def generate_step(
     def step(inputs: mx.array, is_prompt: bool = False) -> tuple[mx.array, mx.array]:
         nonlocal tokens
         with mx.stream(generation_stream):
-            logits = model(inputs[None], cache=prompt_cache)[:, -1, :]
+            logits = model(inputs[None], cache=prompt_cache, logits_to_keep=1)[:, -1, :]
             if logits_processors:
                 if not is_prompt:
                     tokens = mx.concatenate([tokens, inputs])

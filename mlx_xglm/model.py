@@ -229,9 +229,20 @@ class XGLMForCausalLM(nn.Module):
         cache=None,
         mask=None,
         position_ids: mx.array | None = None,
+        logits_to_keep: int = 0,
     ) -> mx.array:
-        """Logits [B, L, vocab_size] for token ids [B, L]; see `XGLMModel.__call__` for the options."""
+        """Logits [B, L, vocab_size] for token ids [B, L]; see `XGLMModel.__call__` for the options.
+
+        `logits_to_keep=n` (as in transformers) returns the logits of the last n positions only: the head
+        is a d_model x vocab_size matmul per position, so a prompt's first token needs just one.
+        """
         h = self.model(inputs, cache=cache, mask=mask, position_ids=position_ids)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.head(h)
+
+    def head(self, h: mx.array) -> mx.array:
+        """The LM head: the (possibly quantized) token embedding used as a linear map, or an untied head."""
         if not self.config.tie_word_embeddings:
             return self.lm_head(h)
         return self.model.embed_tokens.as_linear(h)

@@ -330,6 +330,7 @@ def test_untied_head_matches_transformers(sp_model, tmp_path, transformers):
     model, _ = load(source)
     expected = reference_logits(reference_model(source), IDS)
     assert np.abs(np.array(model(mx.array(IDS))) - expected).max() < 1e-4
+    assert np.abs(np.array(model.forward(mx.array(IDS)).logits) - expected).max() < 1e-4
 
 
 def test_hub_repo_id_and_revision(monkeypatch, soft_checkpoint, tmp_path):

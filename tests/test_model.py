@@ -99,6 +99,15 @@ def test_cache_grows_past_its_preallocated_step(tiny_checkpoint):
     assert np.abs(np.concatenate(steps, axis=1) - full).max() <= 1e-5
 
 
+def test_logits_to_keep_computes_only_the_last_positions(tiny_checkpoint):
+    model, tokenizer = load(tiny_checkpoint)
+    ids = mx.array([tokenizer.encode(SENTENCES[0])])
+    full = model(ids)
+    last = model(ids, logits_to_keep=2)
+    assert last.shape == (1, 2, model.config.vocab_size)
+    assert mx.allclose(last, full[:, -2:], atol=1e-5).item()
+
+
 def test_sinusoid_table_follows_fairseq():
     table = sinusoidal_table(10, 8, padding_idx=1)
     half = 4
