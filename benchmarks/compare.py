@@ -1,7 +1,8 @@
 """Side by side: mlx-xglm against mlx-lm's GPT-2 at XGLM's widths and transformers + torch running XGLM.
 
 Not part of the test suite. Every implementation gets random weights of the same shape; trials alternate
-between implementations so that machine noise hits all of them alike. Writes a markdown table.
+between implementations, each trial in a fresh process, so that machine noise hits all of them alike and
+no library's idle threads slow down another. Appends a markdown table to --output.
 
     python benchmarks/compare.py --preset 564M --prompt-tokens 128 --gen-tokens 32 --trials 3
 """
@@ -9,8 +10,12 @@ between implementations so that machine noise hits all of them alike. Writes a m
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -84,6 +89,34 @@ def torch_runner(shape: dict, dtype: str):
     return trial
 
 
+IMPLEMENTATIONS = ["mlx-xglm", "mlx-lm GPT-2, same widths", "transformers + torch, XGLM"]
+
+
+def worker(args) -> None:
+    """Build one implementation, warm it up, time one trial, print the result as JSON."""
+    shape = dict(PRESETS[args.preset])
+    if args.layers:
+        shape["num_layers"] = args.layers
+    if args.worker == IMPLEMENTATIONS[0]:
+        run = mlx_xglm_runner(args.preset, args.layers, args.dtype, args.q_bits, args.q_group_size)
+    elif args.worker == IMPLEMENTATIONS[1]:
+        run = mlx_lm_runner(shape, args.dtype, args.q_bits, args.q_group_size)
+    else:
+        run = torch_runner(shape, args.dtype)
+    run(min(args.prompt_tokens, 16), 2)
+    print(json.dumps(run(args.prompt_tokens, args.gen_tokens)))
+
+
+def available(name: str, args) -> bool:
+    module = {IMPLEMENTATIONS[1]: "mlx_lm", IMPLEMENTATIONS[2]: "transformers"}.get(name)
+    if name == IMPLEMENTATIONS[2] and (args.no_torch or args.q_bits):
+        return False
+    if module and importlib.util.find_spec(module) is None:
+        print(f"{module} is not installed: skipping {name}")
+        return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -98,55 +131,49 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true", help="skip transformers + torch")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS.md"))
+    parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
 
-    shape = dict(PRESETS[args.preset])
-    if args.layers:
-        shape["num_layers"] = args.layers
-    runners = {
-        "mlx-xglm": mlx_xglm_runner(args.preset, args.layers, args.dtype, args.q_bits, args.q_group_size)
-    }
-    try:
-        runners["mlx-lm GPT-2, same widths"] = mlx_lm_runner(
-            shape, args.dtype, args.q_bits, args.q_group_size
-        )
-    except ImportError:
-        print("mlx-lm is not installed: skipping it")
-    if not args.no_torch and not args.q_bits:
-        try:
-            runners["transformers + torch, XGLM"] = torch_runner(shape, args.dtype)
-        except ImportError:
-            print("transformers/torch are not installed: skipping them")
-
-    results = {name: [] for name in runners}
-    for run in runners.values():
-        run(min(args.prompt_tokens, 16), 2)  # warm-up
+    names = [name for name in IMPLEMENTATIONS if available(name, args)]
+    results = {name: [] for name in names}
     for i in range(args.trials):
-        for name, run in runners.items():
-            prompt_tps, gen_tps, peak = run(args.prompt_tokens, args.gen_tokens)
+        # Each trial runs in a fresh process, so no library's idle threads (OpenBLAS, OpenMP) or caches
+        # slow down the next one; the order rotates so that no implementation always goes first.
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            out = subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], "--worker", name],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            prompt_tps, gen_tps, peak = json.loads(out.stdout.strip().splitlines()[-1])
             results[name].append((prompt_tps, gen_tps, peak))
             print(f"trial {i + 1} {name}: prompt {prompt_tps:.1f} tok/s, generation {gen_tps:.2f} tok/s")
 
+    shape = dict(PRESETS[args.preset], **({"num_layers": args.layers} if args.layers else {}))
     ours = statistics.median(r[1] for r in results["mlx-xglm"])
     ours_prompt = statistics.median(r[0] for r in results["mlx-xglm"])
     rows = [
         f"{args.preset} shapes ({shape['num_layers']} layers), {args.dtype}"
         + (f", {args.q_bits}-bit g{args.q_group_size}" if args.q_bits else "")
         + f", {args.prompt_tokens}-token prompt, {args.gen_tokens} generated tokens, median of "
-        f"{args.trials} alternating trials; {platform.machine()} {platform.system()}, "
-        f"MLX {mx.__version__} on {mx.default_device()}",
+        f"{args.trials} alternating trials, each in a fresh process; {platform.machine()} "
+        f"{platform.system()}, MLX {mx.__version__} on {mx.default_device()}",
         "",
-        "| implementation | prompt tok/s | decode tok/s | peak memory (GB) | decode vs mlx-xglm |",
-        "|---|---|---|---|---|",
+        "| implementation | prompt tok/s | decode tok/s | peak memory (GB) | prompt vs ours | decode vs ours "
+        "|",
+        "|---|---|---|---|---|---|",
     ]
     for name, values in results.items():
         prompt = statistics.median(v[0] for v in values)
         gen = statistics.median(v[1] for v in values)
         peaks = [v[2] for v in values if v[2] is not None]
         peak = f"{max(peaks):.2f}" if peaks else "n/a"
-        rows.append(f"| {name} | {prompt:.1f} | {gen:.2f} | {peak} | {gen / ours:.2f}x |")
-    rows.append("")
-    rows.append(f"mlx-xglm prompt/decode medians: {ours_prompt:.1f} / {ours:.2f} tok/s")
+        ratios = f"{prompt / ours_prompt:.2f}x | {gen / ours:.2f}x"
+        rows.append(f"| {name} | {prompt:.1f} | {gen:.2f} | {peak} | {ratios} |")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("a", encoding="utf-8") as f:
         f.write("\n".join(rows) + "\n\n")
