@@ -147,11 +147,16 @@ def main() -> None:
         # Each trial runs in a fresh process, so no library's idle threads (OpenBLAS, OpenMP) or caches
         # slow down the next one; the order rotates so that no implementation always goes first.
         for name in names[i % len(names) :] + names[: i % len(names)]:
+            env = dict(os.environ)
+            if name == IMPLEMENTATIONS[2]:
+                # torch brings its own BLAS; a preloaded OpenBLAS meant for MLX would fight it for the cores.
+                env.pop("LD_PRELOAD", None)
             out = subprocess.run(
                 [sys.executable, __file__, *sys.argv[1:], "--worker", name],
                 capture_output=True,
                 text=True,
                 check=True,
+                env=env,
             )
             prompt_tps, gen_tps, peak = json.loads(out.stdout.strip().splitlines()[-1])
             results[name].append((prompt_tps, gen_tps, peak))
