@@ -5,21 +5,17 @@ Id for id equal to transformers 4.56's slow XGLMTokenizer.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
 
 from .encoding import BatchEncoding, encode_batch
 from .errors import XGLMError
+from .tokenizer_files import CONFIG_FILE, read_settings, write_atomically, write_configs
 
 SPIECE_UNDERLINE = "\u2581"
 VOCAB_FILE = "sentencepiece.bpe.model"
-CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 NUM_MADEUP_WORDS = 7
 
 
@@ -85,20 +81,7 @@ class XGLMTokenizer:
         `tokenizer_config.json` when present; keyword arguments override them.
         """
         path = Path(path)
-        settings = {}
-        config_file = path / CONFIG_FILE
-        if config_file.is_file():
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise XGLMError(f"{config_file} is not valid JSON: {e}") from None
-            if not isinstance(config, dict):
-                raise XGLMError(f"{config_file} must hold a JSON object")
-            keys = ("model_max_length", "padding_side", "truncation_side", "sp_model_kwargs")
-            settings = {k: config[k] for k in keys if config.get(k) is not None}
-            # transformers stores "no limit" as a huge number (int(1e30)).
-            if settings.get("model_max_length", 0) > 10**20:
-                del settings["model_max_length"]
+        settings = read_settings(path / CONFIG_FILE)
         return cls(path / VOCAB_FILE, **{**settings, **kwargs})
 
     @property
@@ -282,7 +265,7 @@ class XGLMTokenizer:
             raise XGLMError(f"save_vocabulary: {folder} is not a directory")
         name = (f"{filename_prefix}-" if filename_prefix else "") + VOCAB_FILE
         target = folder / name
-        _write_atomically(target, self.sp_model.serialized_model_proto())
+        write_atomically(target, self.sp_model.serialized_model_proto())
         return (str(target),)
 
     def save_pretrained(self, save_directory: str | Path) -> tuple[str, ...]:
@@ -293,46 +276,5 @@ class XGLMTokenizer:
         """
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        specials = {
-            "bos_token": self.bos_token,
-            "eos_token": self.eos_token,
-            "unk_token": self.unk_token,
-            "sep_token": self.sep_token,
-            "cls_token": self.cls_token,
-            "pad_token": self.pad_token,
-            "additional_special_tokens": self.madeup_words,
-        }
-        flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-        config = {
-            "added_tokens_decoder": {
-                str(i): {"content": token, **flags} for i, token in sorted(self.ids_to_special_tokens.items())
-            },
-            **specials,
-            "clean_up_tokenization_spaces": False,
-            "padding_side": self.padding_side,
-            "truncation_side": self.truncation_side,
-            "sp_model_kwargs": self.sp_model_kwargs,
-            "tokenizer_class": "XGLMTokenizer",
-        }
-        if self.model_max_length is not None:
-            config["model_max_length"] = self.model_max_length
         (vocab,) = self.save_vocabulary(folder)
-        written = [vocab]
-        for name, content in ((CONFIG_FILE, config), (SPECIAL_TOKENS_FILE, specials)):
-            text = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
-            _write_atomically(folder / name, text.encode("utf-8"))
-            written.append(str(folder / name))
-        return tuple(written)
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp makes owner-only files; saved tokenizers are ordinary readable files.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        return (vocab, *write_configs(self, folder))
