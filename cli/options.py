@@ -119,7 +119,7 @@ def load_model(name: str, revision: str | None, spinner) -> tuple:
     A Hub repo id that is not in the local cache while offline gets a hint to pass a local folder.
     """
     start = time.perf_counter()
-    # Outside the spinner: a download shows huggingface_hub's own progress bars.
+    # Outside the spinner: a download draws its own progress bar (mlx_xglm.hub).
     try:
         path = resolve_model_path(name, revision)
     except XGLMError as e:

@@ -11,6 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import XGLMError
+from .hub import snapshot
 from .model import XGLMConfig, XGLMForCausalLM
 from .quantize import apply_quantization
 from .tokenizer import VOCAB_FILE, XGLMTokenizer
@@ -51,7 +52,6 @@ def resolve_model_path(
 
 
 def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> Path:
-    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
@@ -61,7 +61,7 @@ def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> 
     )
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
+        return Path(snapshot(repo_id, revision, allow_patterns))
     except GatedRepoError:
         raise XGLMError(
             f"Hub repository {repo_id} is gated; accept its terms on huggingface.co and log in "
