@@ -12,7 +12,29 @@ import mlx.core as mx
 from .errors import XGLMError
 
 
-class KVCache:
+class _LayerCache:
+    """What both caches share: trimming from the end and their size in bytes."""
+
+    keys: mx.array | None
+    values: mx.array | None
+    offset: int
+
+    def trim(self, n: int) -> int:
+        """Drop the last `n` positions (at most all of them, none when not trimmable); returns how many."""
+        if not self.is_trimmable():
+            return 0
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
+
+
+class KVCache(_LayerCache):
     """Keys and values of one attention layer, [B, heads, S, head_dim], grown `step` positions at a time.
 
     Follows mlx-lm's cache protocol: `offset`, `update_and_fetch(keys, values)`, `state`, `trim`.
@@ -69,20 +91,8 @@ class KVCache:
     def is_trimmable(self) -> bool:
         return True
 
-    def trim(self, n: int) -> int:
-        """Drop the last `n` positions (at most all of them); returns how many were dropped."""
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
 
-    @property
-    def nbytes(self) -> int:
-        if self.keys is None:
-            return 0
-        return self.keys.nbytes + self.values.nbytes
-
-
-class RotatingKVCache:
+class RotatingKVCache(_LayerCache):
     """A window of the last `max_size` positions of one layer, in a ring buffer of at most `max_size` slots.
 
     `offset` keeps counting every token seen: XGLM adds absolute sinusoid positions to the embeddings, so
@@ -178,20 +188,6 @@ class RotatingKVCache:
 
     def is_trimmable(self) -> bool:
         return self.offset <= self.max_size
-
-    def trim(self, n: int) -> int:
-        """Drop the last `n` positions; only possible while nothing has been overwritten yet."""
-        if not self.is_trimmable():
-            return 0
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        if self.keys is None:
-            return 0
-        return self.keys.nbytes + self.values.nbytes
 
 
 CACHE_TYPES = {"KVCache": KVCache, "RotatingKVCache": RotatingKVCache}
