@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from mlx_xglm import XGLMError, make_prompt_cache, stream_generate
-from mlx_xglm.generate import GenerationResponse
+from mlx_xglm.decoding.generate import GenerationResponse
 
 DEFAULT_TEMPLATE = "User: {message}\nAssistant:"
 PLACEHOLDER = "{message}"

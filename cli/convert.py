@@ -1,11 +1,11 @@
-"""`mlx-xglm convert`: the command-line face of `mlx_xglm.convert`, with mlx-lm's flags."""
+"""`mlx-xglm convert`: the command-line face of `mlx_xglm.checkpoints.convert`, with mlx-lm's flags."""
 
 from __future__ import annotations
 
 import argparse
 
-from mlx_xglm.convert import DTYPES, convert
-from mlx_xglm.quantize import MODES, RECIPES
+from mlx_xglm.checkpoints.convert import DTYPES, convert
+from mlx_xglm.checkpoints.quantize import MODES, RECIPES
 
 EXAMPLES = """examples:
   mlx-xglm convert --hf-path facebook/xglm-564M --mlx-path xglm-564M-fp16

@@ -9,7 +9,7 @@ import mlx.core as mx
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from mlx_xglm import XGLMError, load, make_logits_processors, make_sampler
-from mlx_xglm.loading import resolve_model_path
+from mlx_xglm.checkpoints.loading import resolve_model_path
 
 DEFAULT_MODEL = "facebook/xglm-564M"
 
@@ -119,7 +119,7 @@ def load_model(name: str, revision: str | None, spinner) -> tuple:
     A Hub repo id that is not in the local cache while offline gets a hint to pass a local folder.
     """
     start = time.perf_counter()
-    # Outside the spinner: a download draws its own progress bar (mlx_xglm.hub).
+    # Outside the spinner: a download draws its own progress bar (mlx_xglm.checkpoints.hub).
     try:
         path = resolve_model_path(name, revision)
     except XGLMError as e:

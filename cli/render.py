@@ -12,7 +12,7 @@ from contextlib import contextmanager, nullcontext
 
 from rich.console import Console
 
-from mlx_xglm.generate import stats_lines
+from mlx_xglm.decoding.generate import stats_lines
 
 RULE = "=" * 10
 

@@ -2,18 +2,21 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .batch import batch_generate
-from .cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
-from .convert import convert
-from .encoding import BatchEncoding
+from .checkpoints import convert, load
+from .decoding import (
+    batch_generate,
+    generate,
+    generate_step,
+    load_prompt_cache,
+    make_logits_processors,
+    make_prompt_cache,
+    make_sampler,
+    save_prompt_cache,
+    stream_generate,
+)
 from .errors import XGLMError
-from .forward import XGLMCausalLMOutput, XGLMModelOutput
-from .generate import generate, generate_step, stream_generate
-from .loading import load
-from .loss import causal_lm_loss
-from .model import XGLMConfig, XGLMForCausalLM, XGLMModel
-from .sample_utils import make_logits_processors, make_sampler
-from .tokenizer import XGLMTokenizer
+from .model import XGLMCausalLMOutput, XGLMConfig, XGLMForCausalLM, XGLMModel, XGLMModelOutput, causal_lm_loss
+from .tokenization import BatchEncoding, XGLMTokenizer
 
 try:
     __version__ = version("mlx-xglm")

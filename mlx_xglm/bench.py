@@ -11,9 +11,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .decoding.generate import generate_step
 from .errors import XGLMError
-from .generate import generate_step
-from .model import XGLMConfig, XGLMForCausalLM
+from .model.xglm import XGLMConfig, XGLMForCausalLM
 
 # The shapes of the released checkpoints (XGLM.md); all share vocab 256008 and 2048 positions.
 PRESETS = {

@@ -12,7 +12,7 @@ from mlx_xglm import (
     make_prompt_cache,
     save_prompt_cache,
 )
-from mlx_xglm.cache import KVCache, RotatingKVCache
+from mlx_xglm.decoding.cache import KVCache, RotatingKVCache
 
 TEXT = "The quick brown fox jumps over the lazy dog. Москва является столицей России. 敏捷的棕色狐狸"
 

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 from xglm_fixtures import build_checkpoint, hub_config, random_weights
 
 from mlx_xglm import XGLMError, convert, load
-from mlx_xglm.quantize import mixed_recipe
+from mlx_xglm.checkpoints.quantize import mixed_recipe
 
 IDS = [[2, 10, 20, 30, 40, 50, 60, 70], [2, 100, 200, 300, 400, 500, 600, 700]]
 ROOT = Path(__file__).parent.parent
@@ -430,7 +430,7 @@ def test_top_level_script(soft_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("options", [{"quantize": True}, {"quantize": True, "q_mode": "mxfp4"}])
 def test_quantizing_in_row_blocks_changes_nothing(converted, soft_checkpoint, tmp_path, monkeypatch, options):
-    monkeypatch.setattr(sys.modules["mlx_xglm.convert"], "ROWS_PER_BLOCK", 100)
+    monkeypatch.setattr(sys.modules["mlx_xglm.checkpoints.convert"], "ROWS_PER_BLOCK", 100)
     convert(soft_checkpoint, tmp_path / "blocks", verbose=False, **options)
     blocks = mx.load(str(tmp_path / "blocks" / "model.safetensors"))
     whole = mx.load(str(converted(**options) / "model.safetensors"))
@@ -441,7 +441,7 @@ def test_quantizing_in_row_blocks_changes_nothing(converted, soft_checkpoint, tm
 def test_dequantizing_in_row_blocks_changes_nothing(converted, tmp_path, monkeypatch):
     quantized = converted(quantize=True, q_bits=8)
     convert(quantized, tmp_path / "whole", dequantize=True, verbose=False)
-    monkeypatch.setattr(sys.modules["mlx_xglm.convert"], "ROWS_PER_BLOCK", 100)
+    monkeypatch.setattr(sys.modules["mlx_xglm.checkpoints.convert"], "ROWS_PER_BLOCK", 100)
     convert(quantized, tmp_path / "blocks", dequantize=True, verbose=False)
     blocks = mx.load(str(tmp_path / "blocks" / "model.safetensors"))
     whole = mx.load(str(tmp_path / "whole" / "model.safetensors"))

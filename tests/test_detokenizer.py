@@ -5,7 +5,7 @@ import pytest
 from xglm_fixtures import TEXT_FILE
 
 from mlx_xglm import XGLMTokenizer
-from mlx_xglm.detokenizer import StreamingDetokenizer
+from mlx_xglm.tokenization.detokenizer import StreamingDetokenizer
 
 
 @pytest.fixture(scope="module")

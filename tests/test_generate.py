@@ -17,7 +17,7 @@ from mlx_xglm import (
     make_sampler,
     stream_generate,
 )
-from mlx_xglm.generate import TextStream
+from mlx_xglm.decoding.generate import TextStream
 
 PROMPTS = [
     "The quick brown fox",

@@ -9,7 +9,7 @@ from huggingface_hub import constants
 from rich.console import Console
 
 from mlx_xglm import XGLMError, load
-from mlx_xglm.hub import snapshot
+from mlx_xglm.checkpoints.hub import snapshot
 
 REPO = "facebook/xglm-tiny"
 
@@ -73,7 +73,7 @@ def test_errors_of_the_download_reach_the_caller(online_hub, monkeypatch):
         raise RepositoryNotFoundError("404 Client Error: Repository Not Found", response=None)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", missing)
-    monkeypatch.setattr("mlx_xglm.hub.sys.stderr.isatty", lambda: True)
+    monkeypatch.setattr("mlx_xglm.checkpoints.hub.sys.stderr.isatty", lambda: True)
     with pytest.raises(XGLMError, match="neither a local folder nor a Hub repository"):
         load(REPO)
 

@@ -16,8 +16,8 @@ from reference import reference_logits, reference_model
 from xglm_fixtures import hub_config, random_weights, write_tokenizer_files
 
 from mlx_xglm import XGLMError, convert, load
-from mlx_xglm.model import sinusoidal_table
-from mlx_xglm.torch_bin import load_torch_bin, read_torch_bin
+from mlx_xglm.checkpoints.torch_bin import load_torch_bin, read_torch_bin
+from mlx_xglm.model.xglm import sinusoidal_table
 
 torch = pytest.importorskip("torch")
 

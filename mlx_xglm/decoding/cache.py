@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import XGLMError
+from ..errors import XGLMError
 
 
 class _LayerCache:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .errors import XGLMError
+from ..errors import XGLMError
 
 IGNORE_INDEX = -100
 

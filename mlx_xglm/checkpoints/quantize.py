@@ -13,7 +13,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import XGLMError
+from ..errors import XGLMError
 
 # mode -> (allowed bits, allowed group sizes, default bits, default group size), as mx.quantize accepts.
 MODES = {

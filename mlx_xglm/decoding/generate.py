@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from ..tokenization.detokenizer import StreamingDetokenizer
 from .cache import check_prompt_cache, make_prompt_cache
-from .detokenizer import StreamingDetokenizer
 from .sample_utils import LogitsProcessor, Sampler, greedy
 
 # Generation runs on its own stream so queued work of the caller does not interleave with it.

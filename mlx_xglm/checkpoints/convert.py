@@ -19,12 +19,12 @@ import mlx.core as mx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .errors import XGLMError
+from ..errors import XGLMError
+from ..model.xglm import XGLMConfig, XGLMForCausalLM
+from ..tokenization.tokenizer import VOCAB_FILE
 from .loading import check_weights, head_is_untied, load_config, read_weights, resolve_model_path
-from .model import XGLMConfig, XGLMForCausalLM
 from .model_card import model_card
 from .quantize import config_entry, module_settings, quant_settings, quantization_plan, resolve_predicate
-from .tokenizer import VOCAB_FILE
 from .torch_bin import TorchTensor
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .errors import XGLMError
+from ..errors import XGLMError
 
 # torch storage class -> numpy dtype of its elements; bfloat16 is read as its raw 16 bits.
 STORAGE_DTYPES = {

@@ -10,11 +10,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .errors import XGLMError
+from ..errors import XGLMError
+from ..model.xglm import XGLMConfig, XGLMForCausalLM
+from ..tokenization.tokenizer import VOCAB_FILE, XGLMTokenizer
 from .hub import snapshot
-from .model import XGLMConfig, XGLMForCausalLM
 from .quantize import apply_quantization
-from .tokenizer import VOCAB_FILE, XGLMTokenizer
 from .torch_bin import TorchTensor, read_torch_bin
 
 # What a checkpoint folder needs; everything else in a Hub repository (flax, tf, rust weights) is skipped.

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import KVCache
+from ..decoding.cache import KVCache
 from .forward import causal_lm_forward, model_forward
 
 # fairseq reserves rows 0 and 1 of the position table (row 1 is the padding row), so the first real token

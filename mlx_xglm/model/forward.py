@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .cache import KVCache
-from .errors import XGLMError
+from ..decoding.cache import KVCache
+from ..errors import XGLMError
 from .loss import causal_lm_loss
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from ..errors import XGLMError
 from .encoding import BatchEncoding, encode_batch
-from .errors import XGLMError
 from .tokenizer_files import CONFIG_FILE, read_settings, write_atomically, write_configs
 
 SPIECE_UNDERLINE = "\u2581"
