@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from mlx_xglm import XGLMError, make_prompt_cache, stream_generate
+from mlx_xglm import XGLMError, can_trim_prompt_cache, make_prompt_cache, stream_generate, trim_prompt_cache
+from mlx_xglm.decoding import cached_tokens
 from mlx_xglm.decoding.generate import GenerationResponse
+from mlx_xglm.tokenization import prompt_ids
 
 DEFAULT_TEMPLATE = "User: {message}\nAssistant:"
 PLACEHOLDER = "{message}"
@@ -67,7 +69,7 @@ class Conversation:
         # `cached`: the ids the cache holds. `pending`: ids of the transcript it has not read yet, starting
         # with the `</s>` every XGLM document begins with.
         self.cached: list[int] = []
-        self.pending: list[int] = [self.tokenizer.eos_token_id]
+        self.pending: list[int] = []
 
     @property
     def transcript_ids(self) -> list[int]:
@@ -82,7 +84,8 @@ class Conversation:
 
         Close the iterator when stopping early (Ctrl-C): the transcript keeps what was generated.
         """
-        ids = self.pending + self._encode(self.template.replace(PLACEHOLDER, message))
+        turn = self.template.replace(PLACEHOLDER, message)
+        ids = self.pending + prompt_ids(self.tokenizer, turn, len(self.transcript_ids), newlines="eos")
         stop = [self.user_marker] if self.user_marker else None
         generated: list[int] = []
         text: list[str] = []
@@ -120,12 +123,11 @@ class Conversation:
         else:
             answer = generated
         wanted = self.cached + ids + answer + [eos]
-        read = self.cache[0].offset
+        read = cached_tokens(self.cache)
         held = (self.cached + ids + generated)[:read]
         keep = _common_prefix(held, wanted)
-        if all(layer.is_trimmable() for layer in self.cache):
-            for layer in self.cache:
-                layer.trim(read - keep)
+        if can_trim_prompt_cache(self.cache):
+            trim_prompt_cache(self.cache, read - keep)
             self.cached, self.pending = wanted[:keep], wanted[keep:]
         else:
             # A rotating cache that has wrapped cannot forget its newest tokens: go on from what it holds.

@@ -8,7 +8,17 @@ import sys
 from itertools import chain
 from pathlib import Path
 
-from mlx_xglm import XGLMError, load_prompt_cache, make_prompt_cache, save_prompt_cache, stream_generate
+from mlx_xglm import (
+    XGLMError,
+    can_trim_prompt_cache,
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+    stream_generate,
+    trim_prompt_cache,
+)
+from mlx_xglm.decoding import cached_tokens, prompt_cache_max_kv_size
+from mlx_xglm.tokenization import NEWLINES, prompt_ids
 
 from .options import (
     add_model_args,
@@ -58,7 +68,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--newlines",
-        choices=["space", "eos"],
+        choices=NEWLINES,
         default="space",
         help="space: a newline is a space (transformers); eos: a newline is </s>, as in XGLM's training "
         "text, and a generated </s> prints as a newline (default: space)",
@@ -119,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
     if cache_file is not None and cache_file.exists():
         cache = load_prompt_cache(cache_file)
-        kept = getattr(cache[0], "max_size", None)
+        kept = prompt_cache_max_kv_size(cache)
         if args.max_kv_size is not None and args.max_kv_size != kept:
             raise XGLMError(
                 f"{cache_file} holds a cache with max_kv_size {kept}; --max-kv-size {args.max_kv_size} "
@@ -127,9 +137,8 @@ def run(args: argparse.Namespace) -> int:
             )
     else:
         cache = make_prompt_cache(model, max_kv_size=args.max_kv_size)
-    cached_tokens = cache[0].offset
-    # A continued cached prompt must not get the `</s>` that XGLM puts at the start of a document.
-    ids = tokenizer.encode(prompt, add_special_tokens=cached_tokens == 0, newlines=args.newlines)
+    cached = cached_tokens(cache)
+    ids = prompt_ids(tokenizer, prompt, cached, args.newlines)
     seed_from(args)
     responses = stream_generate(
         model,
@@ -155,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         status = 130
     finish = "interrupted" if status else getattr(last, "finish_reason", None)
 
-    if cache_file is not None and cached_tokens == 0 and not status:
+    if cache_file is not None and cached == 0 and not status:
         save_prompt_only(cache_file, cache, len(ids), {"model": args.model, "newlines": args.newlines})
     if args.json:
         print(json.dumps(result_object("".join(text), tokens, finish, last), ensure_ascii=False))
@@ -168,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         if args.verbose:
             lines += [
                 f"Model: {args.model}, loaded in {load_seconds:.2f} s",
-                f"Cached prompt tokens: {cached_tokens}",
+                f"Cached prompt tokens: {cached}",
                 f"Finish reason: {finish}",
             ]
         renderer.footer(lines)
@@ -177,14 +186,13 @@ def run(args: argparse.Namespace) -> int:
 
 def save_prompt_only(path: Path, cache: list, n_prompt: int, metadata: dict[str, str]) -> None:
     """Trim the generated tokens off `cache` and save the prompt's part to `path`."""
-    extra = cache[0].offset - n_prompt
-    if extra and not all(c.is_trimmable() for c in cache):
+    extra = cached_tokens(cache) - n_prompt
+    if extra and not can_trim_prompt_cache(cache):
         raise XGLMError(
-            f"cannot save {path}: the prompt no longer fits in --max-kv-size {cache[0].max_size}; "
-            "raise --max-kv-size or drop it"
+            f"cannot save {path}: the prompt no longer fits in --max-kv-size "
+            f"{prompt_cache_max_kv_size(cache)}; raise --max-kv-size or drop it"
         )
-    for c in cache:
-        c.trim(extra)
+    trim_prompt_cache(cache, extra)
     save_prompt_cache(path, cache, metadata)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 
@@ -47,7 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         module = __import__(f"{__package__}.{name}", fromlist=["register"])
         module.register(subparsers)
+    for command in subparsers.choices.values():
+        command.set_defaults(flags=_flags(command))
     return parser
+
+
+def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Parameter name -> the flag that sets it (`max_kv_size` -> `--max-kv-size`); argparse keeps its
+    arguments only in `_actions`."""
+    return {
+        action.dest: next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+        for action in parser._actions
+        if action.option_strings
+    }
+
+
+def error_line(error: XGLMError, flags: dict[str, str]) -> str:
+    """`error: ...` for an XGLMError, the library's name of the parameter at fault (`temp`) replaced by
+    the command's flag for it (`--temp`), wherever the message names it."""
+    message = str(error)
+    flag = flags.get(error.param)
+    if flag is not None:
+        message = re.sub(rf"(?<![\w./-]){re.escape(error.param)}(?![\w./-])", flag, message)
+    return f"error: {message}"
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -71,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except XGLMError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e, getattr(args, "flags", {})), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # Ctrl-C before any text was made (while loading, say): end the line the ^C was echoed on.

@@ -13,15 +13,6 @@ from mlx_xglm.checkpoints.loading import resolve_model_path
 
 DEFAULT_MODEL = "facebook/xglm-564M"
 
-# Engine parameter names, as its ValueErrors spell them, and the flags that set them.
-SAMPLING_FLAGS = {
-    "temp": "--temp",
-    "top_p": "--top-p",
-    "top_k": "--top-k",
-    "min_p": "--min-p",
-    "repetition_penalty": "--repetition-penalty",
-}
-
 
 def unescape(text: str) -> str:
     r"""Read a typed `\n` or `\t` as a newline or tab, as mlx-lm does for its --prompt."""
@@ -87,16 +78,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def sampling_from(args: argparse.Namespace) -> dict:
-    """`sampler` and `logits_processors` for stream_generate; a bad value is an XGLMError naming its flag."""
-    if args.max_tokens < 0:
-        raise XGLMError(f"--max-tokens must be 0 or more, got {args.max_tokens}")
-    if args.max_kv_size is not None and args.max_kv_size < 1:
-        raise XGLMError(f"--max-kv-size must be 1 or more, got {args.max_kv_size}")
-    try:
-        sampler = make_sampler(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p)
-        processors = make_logits_processors(repetition_penalty=args.repetition_penalty)
-    except ValueError as e:
-        raise XGLMError(_name_flag(str(e))) from None
+    """`sampler` and `logits_processors` for stream_generate, built (and checked) before the model loads."""
+    sampler = make_sampler(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p)
+    processors = make_logits_processors(repetition_penalty=args.repetition_penalty)
     return {"sampler": sampler, "logits_processors": processors}
 
 
@@ -104,13 +88,6 @@ def seed_from(args: argparse.Namespace) -> None:
     """Seed MLX's generator with --seed; call it after loading, which draws random initial weights."""
     if args.seed is not None:
         mx.random.seed(args.seed)
-
-
-def _name_flag(message: str) -> str:
-    for name, flag in SAMPLING_FLAGS.items():
-        if message.startswith(name):
-            return f"{flag}{message[len(name) :]}"
-    return message
 
 
 def load_model(name: str, revision: str | None, spinner) -> tuple:

@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .checkpoints import convert, load
 from .decoding import (
     batch_generate,
+    can_trim_prompt_cache,
     generate,
     generate_step,
     load_prompt_cache,
@@ -13,6 +14,7 @@ from .decoding import (
     make_sampler,
     save_prompt_cache,
     stream_generate,
+    trim_prompt_cache,
 )
 from .errors import XGLMError
 from .model import XGLMCausalLMOutput, XGLMConfig, XGLMForCausalLM, XGLMModel, XGLMModelOutput, causal_lm_loss
@@ -35,6 +37,7 @@ __all__ = [
     "XGLMTokenizer",
     "__version__",
     "batch_generate",
+    "can_trim_prompt_cache",
     "convert",
     "generate",
     "generate_step",
@@ -45,4 +48,5 @@ __all__ = [
     "make_sampler",
     "save_prompt_cache",
     "stream_generate",
+    "trim_prompt_cache",
 ]

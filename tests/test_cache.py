@@ -104,8 +104,9 @@ def test_rotating_cache_trims_only_before_it_wraps():
 
 
 def test_max_kv_size_must_be_positive():
-    with pytest.raises(ValueError, match="max_kv_size"):
+    with pytest.raises(XGLMError, match="max_kv_size") as error:
         RotatingKVCache(0)
+    assert error.value.param == "max_kv_size"
 
 
 @pytest.mark.parametrize("max_kv_size", [None, 12])

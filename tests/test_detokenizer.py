@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from xglm_fixtures import TEXT_FILE
 
-from mlx_xglm import XGLMTokenizer
+from mlx_xglm import XGLMError, XGLMTokenizer
 from mlx_xglm.tokenization.detokenizer import StreamingDetokenizer
 
 
@@ -98,5 +98,6 @@ def test_newline_mode_equals_decoded_lines_on_random_ids(tokenizer):
 
 
 def test_bad_newline_mode_is_rejected(tokenizer):
-    with pytest.raises(ValueError, match="newlines"):
+    with pytest.raises(XGLMError, match="newlines") as error:
         StreamingDetokenizer(tokenizer, newlines="crlf")
+    assert error.value.param == "newlines"

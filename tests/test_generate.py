@@ -8,6 +8,7 @@ import pytest
 from reference import reference_greedy, reference_model
 
 from mlx_xglm import (
+    XGLMError,
     batch_generate,
     generate,
     generate_step,
@@ -289,11 +290,21 @@ def test_batch_of_prompts_in_newline_mode(lively):
         ]
 
 
-def test_bad_arguments_are_rejected(lively):
-    model, tokenizer = lively
-    with pytest.raises(ValueError, match="prompt"):
-        list(generate_step(mx.array([], mx.int32), model))
-    with pytest.raises(ValueError, match="newlines"):
-        generate(model, tokenizer, "hi", newlines="crlf")
-    with pytest.raises(ValueError, match="prompt"):
-        batch_generate(model, tokenizer, [])
+@pytest.mark.parametrize(
+    ("call", "param"),
+    [
+        (lambda model, tokenizer: list(generate_step(mx.array([], mx.int32), model)), "prompt"),
+        (lambda model, tokenizer: list(generate_step(mx.array([2]), model, max_tokens=-1)), "max_tokens"),
+        (
+            lambda model, tokenizer: list(generate_step(mx.array([2]), model, prefill_step_size=0)),
+            "prefill_step_size",
+        ),
+        (lambda model, tokenizer: generate(model, tokenizer, "hi", newlines="crlf"), "newlines"),
+        (lambda model, tokenizer: generate(model, tokenizer, "hi", max_kv_size=0), "max_kv_size"),
+        (lambda model, tokenizer: batch_generate(model, tokenizer, []), "prompts"),
+    ],
+)
+def test_bad_arguments_are_errors_naming_the_parameter(lively, call, param):
+    with pytest.raises(XGLMError, match=param) as error:
+        call(*lively)
+    assert error.value.param == param

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_xglm import make_logits_processors, make_sampler
+from mlx_xglm import XGLMError, make_logits_processors, make_sampler
 
 PROBS = [0.5, 0.3, 0.15, 0.05]
 
@@ -81,15 +81,22 @@ def test_seed_makes_sampling_reproducible():
     ],
 )
 def test_invalid_sampler_values_are_named(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(XGLMError, match=name) as error:
         make_sampler(**kwargs)
+    assert error.value.param == name
 
 
-def test_invalid_processor_values_are_named():
-    with pytest.raises(ValueError, match="repetition_penalty"):
-        make_logits_processors(repetition_penalty=-1.0)
-    with pytest.raises(ValueError, match="repetition_context_size"):
-        make_logits_processors(repetition_penalty=1.2, repetition_context_size=0)
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"repetition_penalty": 1.2, "repetition_context_size": 0}, "repetition_context_size"),
+    ],
+)
+def test_invalid_processor_values_are_named(kwargs, name):
+    with pytest.raises(XGLMError, match=name) as error:
+        make_logits_processors(**kwargs)
+    assert error.value.param == name
 
 
 def test_repetition_penalty_lowers_repeated_tokens_probability():

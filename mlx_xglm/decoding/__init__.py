@@ -1,18 +1,30 @@
 """Decoding: KV caches, samplers and logits processors, and the generation loops."""
 
 from .batch import batch_generate
-from .cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+from .cache import (
+    cached_tokens,
+    can_trim_prompt_cache,
+    load_prompt_cache,
+    make_prompt_cache,
+    prompt_cache_max_kv_size,
+    save_prompt_cache,
+    trim_prompt_cache,
+)
 from .generate import generate, generate_step, stream_generate
 from .sample_utils import make_logits_processors, make_sampler
 
 __all__ = [
     "batch_generate",
+    "cached_tokens",
+    "can_trim_prompt_cache",
     "generate",
     "generate_step",
     "load_prompt_cache",
     "make_logits_processors",
     "make_prompt_cache",
     "make_sampler",
+    "prompt_cache_max_kv_size",
     "save_prompt_cache",
     "stream_generate",
+    "trim_prompt_cache",
 ]

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from ..errors import XGLMError
+from ..tokenization.prompt import Newlines, prompt_ids
 from .generate import CLEAR_CACHE_EVERY, TextStream, generation_stream, print_stats
 from .sample_utils import LogitsProcessor, Sampler, greedy
 
@@ -53,7 +55,7 @@ def batch_generate(
     sampler: Sampler | None = None,
     logits_processors: list[LogitsProcessor] | None = None,
     stop: str | list[str] | None = None,
-    newlines: str = "space",
+    newlines: Newlines = "space",
     prefill_step_size: int = 512,
     verbose: bool = False,
 ) -> BatchResponse:
@@ -63,9 +65,9 @@ def batch_generate(
     keys, in prefill and decoding. `sampler`, `logits_processors`, `stop` and `newlines` act per row as in
     `stream_generate`; `verbose` prints the stats footer.
     """
-    rows = [tokenizer.encode(p, newlines=newlines) if isinstance(p, str) else list(p) for p in prompts]
+    rows = [prompt_ids(tokenizer, p, newlines=newlines) for p in prompts]
     if not rows or any(not r for r in rows):
-        raise ValueError("batch_generate needs at least one prompt, and no prompt may be empty")
+        raise XGLMError("prompts must hold at least one prompt, and none may be empty", param="prompts")
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     inputs = mx.array([[pad] * (width - len(r)) + r for r in rows])

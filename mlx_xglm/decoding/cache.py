@@ -13,11 +13,23 @@ from ..errors import XGLMError
 
 
 class _LayerCache:
-    """What both caches share: trimming from the end and their size in bytes."""
+    """What both caches share: rebuilding from a saved state, trimming from the end, their size in bytes.
+
+    `meta_state` holds the constructor's arguments plus `offset`, so `from_state` rebuilds any cache type.
+    """
 
     keys: mx.array | None
     values: mx.array | None
     offset: int
+
+    @classmethod
+    def from_state(cls, state: tuple[mx.array, mx.array] | tuple[()], meta_state: dict[str, int]):
+        """A cache holding `state` (keys and values, or `()` when empty) and `meta_state`, as saved."""
+        cache = cls(**{k: v for k, v in meta_state.items() if k != "offset"})
+        if state:
+            cache.state = state
+        cache.meta_state = meta_state
+        return cache
 
     def trim(self, n: int) -> int:
         """Drop the last `n` positions (at most all of them, none when not trimmable); returns how many."""
@@ -104,8 +116,10 @@ class RotatingKVCache(_LayerCache):
     step = 256
 
     def __init__(self, max_size: int):
-        if max_size < 1:
-            raise ValueError(f"max_kv_size must be a positive number of tokens, got {max_size}")
+        if not (isinstance(max_size, int) and max_size >= 1):
+            raise XGLMError(
+                f"max_kv_size must be a positive number of tokens, got {max_size}", param="max_kv_size"
+            )
         self.max_size = max_size
         self.keys = None
         self.values = None
@@ -200,6 +214,30 @@ def make_prompt_cache(model, max_kv_size: int | None = None) -> list:
     return [RotatingKVCache(max_kv_size) for _ in model.layers]
 
 
+def cached_tokens(prompt_cache: list) -> int:
+    """How many positions `prompt_cache` has read (a rotating cache keeps counting past its window)."""
+    return prompt_cache[0].offset
+
+
+def prompt_cache_max_kv_size(prompt_cache: list) -> int | None:
+    """The `max_kv_size` the cache was made with; None when it keeps every position."""
+    return getattr(prompt_cache[0], "max_size", None)
+
+
+def can_trim_prompt_cache(prompt_cache: list) -> bool:
+    """Whether the last positions can be dropped: always, unless a rotating cache has overwritten some."""
+    return all(layer.is_trimmable() for layer in prompt_cache)
+
+
+def trim_prompt_cache(prompt_cache: list, num_tokens: int) -> int:
+    """Drop the last `num_tokens` positions of every layer, in place; returns how many were dropped
+    (0 when the cache cannot be trimmed, at most the positions it holds)."""
+    if not can_trim_prompt_cache(prompt_cache):
+        return 0
+    trimmed = [layer.trim(num_tokens) for layer in prompt_cache]
+    return trimmed[0]
+
+
 def save_prompt_cache(path: str | Path, cache: list, metadata: dict[str, str] | None = None) -> None:
     """Write `cache` (and optional string `metadata`) to one safetensors file, atomically."""
     path = Path(path)
@@ -239,11 +277,8 @@ def load_prompt_cache(path: str | Path, return_metadata: bool = False):
     cache = []
     for i, layer in enumerate(layers):
         kind = layer.pop("type")
-        item = RotatingKVCache(layer["max_size"]) if kind == "RotatingKVCache" else CACHE_TYPES[kind]()
-        if f"{i}.keys" in arrays:
-            item.state = arrays[f"{i}.keys"], arrays[f"{i}.values"]
-        item.meta_state = layer
-        cache.append(item)
+        state = (arrays[f"{i}.keys"], arrays[f"{i}.values"]) if f"{i}.keys" in arrays else ()
+        cache.append(CACHE_TYPES[kind].from_state(state, layer))
     return (cache, metadata) if return_metadata else cache
 
 

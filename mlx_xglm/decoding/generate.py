@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from ..errors import XGLMError
 from ..tokenization.detokenizer import StreamingDetokenizer
-from .cache import check_prompt_cache, make_prompt_cache
+from ..tokenization.prompt import Newlines, prompt_ids
+from .cache import cached_tokens, check_prompt_cache, make_prompt_cache
 from .sample_utils import LogitsProcessor, Sampler, greedy
 
 # Generation runs on its own stream so queued work of the caller does not interleave with it.
@@ -36,9 +38,13 @@ def generate_step(
     only reads the prompt into the cache. Each step is queued before the previous token is handed out.
     """
     if prompt.ndim != 1 or prompt.size == 0:
-        raise ValueError(f"prompt must be a non-empty 1-D array of token ids, got shape {prompt.shape}")
+        raise XGLMError(
+            f"prompt must be a non-empty 1-D array of token ids, got shape {prompt.shape}", param="prompt"
+        )
+    if max_tokens < 0:
+        raise XGLMError(f"max_tokens must be 0 or more, got {max_tokens}", param="max_tokens")
     if prefill_step_size < 1:
-        raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
+        raise XGLMError(f"prefill_step_size must be >= 1, got {prefill_step_size}", param="prefill_step_size")
     if prompt_cache is None:
         prompt_cache = make_prompt_cache(model, max_kv_size)
     else:
@@ -102,7 +108,7 @@ class TextStream:
     """Token ids in, final text out: detokenizes, holds back text while a stop string may be forming, and
     decides when generation stops (`</s>`, a stop string, or two `</s>` in a row in newline mode)."""
 
-    def __init__(self, tokenizer, stop: Iterable[str] | None = None, newlines: str = "space"):
+    def __init__(self, tokenizer, stop: Iterable[str] | None = None, newlines: Newlines = "space"):
         self.detokenizer = StreamingDetokenizer(tokenizer, newlines)
         self.eos_id = tokenizer.eos_token_id
         self.newlines = newlines
@@ -140,12 +146,11 @@ class TextStream:
         return text
 
 
-def _prompt_ids(tokenizer, prompt, prompt_cache, newlines: str) -> mx.array:
-    if isinstance(prompt, str):
-        # Continuing a cache that already holds tokens: no second leading </s>.
-        fresh = prompt_cache is None or prompt_cache[0].offset == 0
-        return mx.array(tokenizer.encode(prompt, add_special_tokens=fresh, newlines=newlines))
-    return prompt if isinstance(prompt, mx.array) else mx.array(list(prompt))
+def _prompt_ids(tokenizer, prompt, prompt_cache, newlines: Newlines) -> mx.array:
+    if isinstance(prompt, mx.array):
+        return prompt
+    cached = 0 if prompt_cache is None else cached_tokens(prompt_cache)
+    return mx.array(prompt_ids(tokenizer, prompt, cached, newlines))
 
 
 def stream_generate(
@@ -158,7 +163,7 @@ def stream_generate(
     logits_processors: list[LogitsProcessor] | None = None,
     prompt_cache: list | None = None,
     stop: str | list[str] | None = None,
-    newlines: str = "space",
+    newlines: Newlines = "space",
     **kwargs,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield a `GenerationResponse` per generated token.

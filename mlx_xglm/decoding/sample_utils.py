@@ -10,6 +10,8 @@ from functools import partial
 
 import mlx.core as mx
 
+from ..errors import XGLMError
+
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -63,15 +65,18 @@ def make_sampler(
     from MLX's global generator: `mx.random.seed(n)` makes it reproducible.
     """
     if not temp >= 0:
-        raise ValueError(f"temp must be >= 0, got {temp}")
+        raise XGLMError(f"temp must be >= 0, got {temp}", param="temp")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise XGLMError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
     if not (isinstance(top_k, int) and top_k >= 0):
-        raise ValueError(f"top_k must be an integer >= 0, got {top_k}")
+        raise XGLMError(f"top_k must be an integer >= 0, got {top_k}", param="top_k")
     if not 0 <= min_p <= 1:
-        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+        raise XGLMError(f"min_p must be in [0, 1], got {min_p}", param="min_p")
     if not (isinstance(min_tokens_to_keep, int) and min_tokens_to_keep >= 1):
-        raise ValueError(f"min_tokens_to_keep must be an integer >= 1, got {min_tokens_to_keep}")
+        raise XGLMError(
+            f"min_tokens_to_keep must be an integer >= 1, got {min_tokens_to_keep}",
+            param="min_tokens_to_keep",
+        )
     if temp == 0:
         return greedy
 
@@ -113,12 +118,15 @@ def make_logits_processors(
         processors.append(add_bias)
     if repetition_penalty is not None and repetition_penalty != 1.0:
         if not repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+            raise XGLMError(
+                f"repetition_penalty must be > 0, got {repetition_penalty}", param="repetition_penalty"
+            )
         if repetition_context_size is not None and not (
             isinstance(repetition_context_size, int) and repetition_context_size >= 1
         ):
-            raise ValueError(
-                f"repetition_context_size must be an integer >= 1 or None, got {repetition_context_size}"
+            raise XGLMError(
+                f"repetition_context_size must be an integer >= 1 or None, got {repetition_context_size}",
+                param="repetition_context_size",
             )
         processors.append(_repetition_penalty(repetition_penalty, repetition_context_size))
     return processors

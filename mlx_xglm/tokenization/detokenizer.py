@@ -7,6 +7,7 @@ and trailing whitespace is held back until text follows it. Each piece is handle
 
 from __future__ import annotations
 
+from .prompt import Newlines, check_newlines
 from .tokenizer import SPIECE_UNDERLINE
 
 
@@ -18,22 +19,18 @@ class StreamingDetokenizer:
     `</s>` tokens, each decoded on its own, joined by "\\n" (trailing line breaks dropped).
     """
 
-    def __init__(self, tokenizer, newlines: str = "space"):
-        if newlines not in ("space", "eos"):
-            raise ValueError(f"newlines must be 'space' or 'eos', got {newlines!r}")
+    def __init__(self, tokenizer, newlines: Newlines = "space"):
         self.tokenizer = tokenizer
-        self.newline_id = tokenizer.eos_token_id if newlines == "eos" else None
+        self.newline_id = tokenizer.eos_token_id if check_newlines(newlines) == "eos" else None
         self.reset()
 
     def reset(self) -> None:
-        self.tokens: list[int] = []
         self._segments: list[str] = []
         self._segment = ""
         self._held: list[str] = []  # whitespace (and line breaks) not yet known to be final
         self._line_started = False
 
     def add_token(self, token: int) -> None:
-        self.tokens.append(token)
         if token == self.newline_id:
             # A new line: the previous line's trailing spaces go, the break waits for text after it.
             self._held = [ws for ws in self._held if ws == "\n"] + ["\n"]

@@ -12,6 +12,7 @@ import sentencepiece as spm
 
 from ..errors import XGLMError
 from .encoding import BatchEncoding, encode_batch
+from .prompt import Newlines, check_newlines
 from .tokenizer_files import CONFIG_FILE, read_settings, write_atomically, write_configs
 
 SPIECE_UNDERLINE = "\u2581"
@@ -123,16 +124,14 @@ class XGLMTokenizer:
                 pieces.extend(self.sp_model.encode(part, out_type=str))
         return pieces
 
-    def encode(self, text: str, add_special_tokens: bool = True, newlines: str = "space") -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, newlines: Newlines = "space") -> list[int]:
         """Ids of `text`; with `add_special_tokens` the sequence starts with `</s>` (id 2), as fairseq's.
 
         `newlines="space"` (transformers) lets sentencepiece turn a newline into a space; `newlines="eos"`
         encodes each newline as `</s>`, the way XGLM saw line breaks in training.
         """
-        if newlines == "eos":
+        if check_newlines(newlines) == "eos":
             text = text.replace("\r\n", "\n").replace("\n", self.eos_token)
-        elif newlines != "space":
-            raise ValueError(f"newlines must be 'space' or 'eos', got {newlines!r}")
         ids = [self.eos_token_id] if add_special_tokens else []
         for part in self._split_special(text):
             if part in self.special_tokens_to_ids:
