@@ -7,12 +7,13 @@ import json
 import sys
 
 import mlx.core as mx
-import mlx.nn as nn
 from rich.console import Console
 from rich.table import Table
 
 from mlx_xglm import XGLMError, load
-from mlx_xglm.bench import DTYPES, PRESETS, benchmark, random_model
+from mlx_xglm.bench import PRESETS, benchmark, random_model
+from mlx_xglm.checkpoints.loading import DTYPES
+from mlx_xglm.checkpoints.quantize import quantize_model
 
 EXAMPLES = """\
 examples:
@@ -60,7 +61,7 @@ def _model(args):
     if args.dtype:
         model.set_dtype(DTYPES[args.dtype])
     if args.q_bits is not None:
-        nn.quantize(model, group_size=args.q_group_size, bits=args.q_bits)
+        quantize_model(model, args.q_bits, args.q_group_size)
     mx.eval(model.parameters())
     return model, {"model": args.model, "layers": model.config.num_layers}
 

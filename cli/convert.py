@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from mlx_xglm.checkpoints.convert import DTYPES, convert
+from mlx_xglm.checkpoints.convert import convert
+from mlx_xglm.checkpoints.loading import DTYPES
 from mlx_xglm.checkpoints.quantize import MODES, RECIPES
 
 EXAMPLES = """examples:

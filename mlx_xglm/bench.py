@@ -11,6 +11,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .checkpoints.loading import DTYPES
+from .checkpoints.quantize import quantize_model
 from .decoding.generate import generate_step
 from .errors import XGLMError
 from .model.xglm import XGLMConfig, XGLMForCausalLM
@@ -23,7 +25,18 @@ PRESETS = {
     "4.5B": {"num_layers": 48, "d_model": 2048, "ffn_dim": 16384, "attention_heads": 16},
     "7.5B": {"num_layers": 32, "d_model": 4096, "ffn_dim": 16384, "attention_heads": 32},
 }
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def preset_config(preset: str, layers: int | None = None) -> XGLMConfig:
+    """The config of a released checkpoint's shape (`PRESETS`), keeping only `layers` layers when given."""
+    if preset not in PRESETS:
+        raise XGLMError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}", param="preset")
+    shape = dict(PRESETS[preset])
+    if layers is not None:
+        if layers < 1:
+            raise XGLMError(f"layers must be at least 1, got {layers}", param="layers")
+        shape["num_layers"] = layers
+    return XGLMConfig(**shape)
 
 
 def random_model(
@@ -38,17 +51,10 @@ def random_model(
     `layers` keeps only the first N layers so large shapes fit small machines; `q_bits` quantizes every
     Linear and the tied embedding (which then serves as the quantized LM head).
     """
-    if preset not in PRESETS:
-        raise XGLMError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    shape = dict(PRESETS[preset])
-    if layers is not None:
-        if layers < 1:
-            raise XGLMError(f"--layers must be at least 1, got {layers}")
-        shape["num_layers"] = layers
-    model = XGLMForCausalLM(XGLMConfig(**shape))
+    model = XGLMForCausalLM(preset_config(preset, layers))
     model.set_dtype(DTYPES[dtype])
     if q_bits is not None:
-        nn.quantize(model, group_size=q_group_size, bits=q_bits)
+        quantize_model(model, q_bits, q_group_size)
     mx.eval(model.parameters())
     model.eval()
     return model
@@ -141,7 +147,7 @@ class BenchResult:
         return self.bandwidth / self.weight_bytes
 
     def summary(self) -> dict:
-        """Medians over trials (the `--json` object), plus the configuration and the ceiling."""
+        """Medians over trials, plus the configuration and the ceiling: the JSON report."""
         generation = self.stat("generation_tps", "median")
         return {
             "prompt_tps": self.stat("prompt_tps", "median"),
@@ -168,7 +174,7 @@ def benchmark(
     """Warm up once, then time `trials` generations; `on_trial(i, trial)` is called after each."""
     for name, value in (("prompt_tokens", prompt_tokens), ("gen_tokens", gen_tokens), ("trials", trials)):
         if value < 1:
-            raise XGLMError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            raise XGLMError(f"{name} must be at least 1, got {value}", param=name)
     vocab_size = model.config.vocab_size
     result = BenchResult(config=config, weight_bytes=weight_bytes(model), bandwidth=copy_bandwidth())
     run_trial(model, min(prompt_tokens, 32), 4, vocab_size)

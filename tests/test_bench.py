@@ -8,7 +8,8 @@ import mlx.nn as nn
 import pytest
 
 from mlx_xglm import XGLMError, load
-from mlx_xglm.bench import PRESETS, benchmark, random_model, weight_bytes
+from mlx_xglm.bench import PRESETS, benchmark, preset_config, weight_bytes
+from mlx_xglm.checkpoints.quantize import quantize_model
 
 
 def bench(*args):
@@ -69,14 +70,21 @@ def test_unknown_preset_is_a_usage_error():
 
 
 def test_preset_shapes_follow_the_released_checkpoints():
-    model = random_model("564M", layers=1, dtype="float16", q_bits=4, q_group_size=64)
-    assert model.config.d_model == 1024 and model.config.ffn_dim == 4096
-    assert len(model.layers) == 1 and model.config.vocab_size == 256008
-    assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
-    assert isinstance(model.layers[0].fc1, nn.QuantizedLinear)
+    config = preset_config("564M", layers=1)
+    assert (config.d_model, config.ffn_dim, config.attention_heads) == (1024, 4096, 16)
+    assert config.num_layers == 1 and config.vocab_size == 256008
+    assert preset_config("7.5B").num_layers == 32
     assert set(PRESETS) == {"564M", "1.7B", "2.9B", "4.5B", "7.5B"}
     with pytest.raises(XGLMError, match="unknown preset"):
-        random_model("13B")
+        preset_config("13B")
+
+
+def test_q_bits_quantizes_every_linear_layer_and_the_embedding(tiny_checkpoint):
+    model, _ = load(tiny_checkpoint)
+    assert quantize_model(model, q_bits=4, q_group_size=32) == {"group_size": 32, "bits": 4, "mode": "affine"}
+    assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
+    linears = [m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    assert linears and all(isinstance(m, nn.QuantizedLinear) and m.bits == 4 for m in linears)
 
 
 def test_benchmark_counts_every_weight_once(tiny_checkpoint):

@@ -16,29 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import XGLMError
-from ..model.xglm import XGLMConfig, XGLMForCausalLM
+from ..model.xglm import XGLMConfig
 from ..tokenization.tokenizer import VOCAB_FILE
-from .loading import check_weights, head_is_untied, load_config, read_weights, resolve_model_path
+from .loading import DTYPES, HUB_ALLOW_PATTERNS, open_checkpoint, read_tensor, resolve_model_path
 from .model_card import model_card
-from .quantize import config_entry, module_settings, quant_settings, quantization_plan, resolve_predicate
-from .torch_bin import TorchTensor
+from .quantize import module_settings, quant_settings, quantize_model
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 MAX_SHARD_BYTES = 5 * 1024**3
 ROWS_PER_BLOCK = 8192
 TOKENIZER_FILES = [VOCAB_FILE, "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"]
-SOURCE_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "*.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    *TOKENIZER_FILES,
-]
+SOURCE_PATTERNS = [*HUB_ALLOW_PATTERNS, "tokenizer.json"]
 
 
 @dataclass
@@ -83,49 +75,42 @@ def convert(
     console = Console(stderr=True, quiet=not verbose)
     target = Path(mlx_path).expanduser()
     if target.exists() or target.is_symlink():
-        raise XGLMError(f"--mlx-path {target} already exists; pick a new folder (nothing was changed)")
-    settings = _check_options(
-        quantize, q_bits, q_group_size, q_mode, quant_predicate, dtype, dequantize, embed_bits
-    )
+        raise XGLMError(
+            f"mlx_path {target} already exists; pick a new folder (nothing was changed)", param="mlx_path"
+        )
+    _check_options(quantize, q_bits, q_group_size, q_mode, quant_predicate, dtype, dequantize, embed_bits)
 
     source = resolve_model_path(hf_path, revision, SOURCE_PATTERNS)
-    config = load_config(source)
+    checkpoint = open_checkpoint(source)
+    config, model = checkpoint.config, checkpoint.model
     if not dequantize and "quantization" in config:
-        raise XGLMError(f"{source} is already quantized; turn it back into floats with -d/--dequantize first")
-    if dequantize and "quantization" not in config:
-        raise XGLMError(f"{source} is not quantized; -d/--dequantize needs a quantized folder")
-    tensors = read_weights(source)
-    if head_is_untied(config, tensors):
-        console.print(
-            "[yellow]notice:[/] lm_head.weight differs from the embedding; kept as an untied head",
-            soft_wrap=True,
+        raise XGLMError(
+            f"{source} is already quantized; turn it back into floats with dequantize first",
+            param="dequantize",
         )
-        config["tie_word_embeddings"] = False
-
-    model = XGLMForCausalLM(XGLMConfig.from_dict(config))
-    names = model.sanitize({name: name for name in tensors})
-    if "quantization" not in config:
-        check_weights(model, {new: tensors[old] for new, old in names.items()}, source)
-    plan = {}
-    if settings is not None:
-        predicate, settings = resolve_predicate(quant_predicate, settings, model.config.num_layers)
-        plan = quantization_plan(model, settings, predicate, embed_bits)
+    if dequantize and "quantization" not in config:
+        raise XGLMError(f"{source} is not quantized; dequantize needs a quantized folder", param="dequantize")
+    quantization = None
+    if quantize:
+        quantization = quantize_model(model, q_bits, q_group_size, q_mode, quant_predicate, embed_bits)
+    # What the output quantizes: the layers quantize_model made quantized (lazily; their values come here).
+    plan = {path: module_settings(quantization, path) for path in _quantized_paths(model)} if quantize else {}
 
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
-        # Without --dtype a dequantized model returns to the float type it was quantized from.
+        # Without a dtype a dequantized model returns to the float type it was quantized from.
         out_dtype = DTYPES.get(dtype) or (DTYPES.get(config.get("torch_dtype")) if dequantize else None)
-        weights, n_params = _convert_tensors(tensors, names, config, plan, out_dtype, console)
-        if dequantize:
-            check_weights(model, weights, source)
-        config = _output_config(config, weights, settings, plan)
+        weights, n_params = _convert_tensors(checkpoint.tensors, config, plan, out_dtype, console)
+        config = _output_config(config, weights, quantization)
         weight_bytes = _save_weights(work, weights, max_shard_size)
         _copy_side_files(source, work, config)
         (work / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (work / "README.md").write_text(model_card(hf_path, source, upload_repo or target.name, config))
         if target.exists():
-            raise XGLMError(f"--mlx-path {target} appeared while converting; the result was discarded")
+            raise XGLMError(
+                f"mlx_path {target} appeared while converting; the result was discarded", param="mlx_path"
+            )
         os.rename(work, target)
     finally:
         if work.exists():
@@ -151,25 +136,30 @@ def convert(
 
 
 def _check_options(quantize, q_bits, q_group_size, q_mode, quant_predicate, dtype, dequantize, embed_bits):
-    """The default quantization settings (None without `quantize`), after checking the options agree."""
+    """Raise XGLMError, before anything is read, unless the options agree with each other."""
     if dtype is not None and dtype not in DTYPES:
-        raise XGLMError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        raise XGLMError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}", param="dtype")
     if quantize and dequantize:
-        raise XGLMError("-q/--quantize and -d/--dequantize exclude each other; pick one")
+        raise XGLMError("dequantize cannot be combined with quantize; pick one", param="dequantize")
     if not quantize:
-        if quant_predicate is not None or embed_bits is not None:
-            raise XGLMError("--quant-predicate and --embed-bits need -q/--quantize")
-        return None
+        for name, value in (("quant_predicate", quant_predicate), ("embed_bits", embed_bits)):
+            if value is not None:
+                raise XGLMError(f"{name} only applies when quantizing", param=name)
+        return
     settings = quant_settings(q_bits, q_group_size, q_mode)
     if embed_bits is not None:
-        quant_settings(embed_bits, settings["group_size"], settings["mode"])
-    return settings
+        quant_settings(embed_bits, settings["group_size"], settings["mode"], bits_param="embed_bits")
 
 
-def _convert_tensors(tensors, names, config, plan, dtype, console) -> tuple[dict[str, mx.array], int]:
+def _quantized_paths(model) -> list[str]:
+    names = (name for name, _ in tree_flatten(model.parameters()))
+    return [name.removesuffix(".scales") for name in names if name.endswith(".scales")]
+
+
+def _convert_tensors(tensors, config, plan, dtype, console) -> tuple[dict[str, mx.array], int]:
     """Output tensors and the number of weights they stand for, reading one input tensor at a time."""
     stored = config.get("quantization")
-    stored_paths = {new[: -len(".scales")] for new in names if new.endswith(".scales")}
+    stored_paths = {name.removesuffix(".scales") for name in tensors if name.endswith(".scales")}
     out, n_params = {}, 0
     progress = Progress(
         TextColumn("{task.description}"),
@@ -179,16 +169,18 @@ def _convert_tensors(tensors, names, config, plan, dtype, console) -> tuple[dict
         console=console,
     )
     with progress:
-        for new in progress.track(list(names), description="converting"):
-            path, _, leaf = new.rpartition(".")
+        for name in progress.track(list(tensors), description="converting"):
+            path, _, leaf = name.rpartition(".")
             if path in stored_paths and leaf in ("scales", "biases"):
                 continue
-            value = _read(tensors.pop(names[new]))
+            value = read_tensor(tensors.pop(name))
             if path in stored_paths and leaf == "weight":
-                parts = {"weight": value, "scales": _read(tensors.pop(names[f"{path}.scales"]))}
-                if f"{path}.biases" in names:
-                    parts["biases"] = _read(tensors.pop(names[f"{path}.biases"]))
-                value = _by_rows(mx.dequantize, list(parts.values()), module_settings(stored, path))[0]
+                parts = [value] + [
+                    read_tensor(tensors.pop(f"{path}.{part}"))
+                    for part in ("scales", "biases")
+                    if f"{path}.{part}" in tensors
+                ]
+                value = _by_rows(mx.dequantize, parts, module_settings(stored, path))[0]
             if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
                 value = value.astype(dtype)
             n_params += value.size
@@ -198,7 +190,7 @@ def _convert_tensors(tensors, names, config, plan, dtype, console) -> tuple[dict
                 parts = ("weight", "scales", "biases")[: len(quantized)]
                 written = {f"{path}.{part}": q for part, q in zip(parts, quantized, strict=True)}
             else:
-                written = {new: value}
+                written = {name: value}
             mx.eval(list(written.values()))
             out.update(written)
     return out, n_params
@@ -219,17 +211,13 @@ def _by_rows(function, arrays: list[mx.array], settings: dict) -> list[mx.array]
     return [mx.concatenate(parts, axis=0) for parts in zip(*blocks, strict=True)]
 
 
-def _read(value) -> mx.array:
-    return value.load() if isinstance(value, TorchTensor) else value
-
-
-def _output_config(config: dict, weights: dict, settings, plan) -> dict:
+def _output_config(config: dict, weights: dict, quantization: dict | None) -> dict:
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     embed = weights.get("model.embed_tokens.scales", weights.get("model.embed_tokens.weight"))
     if embed is not None and mx.issubdtype(embed.dtype, mx.floating):
         config["torch_dtype"] = str(embed.dtype).removeprefix("mlx.core.")
-    if settings is not None:
-        config["quantization"] = config_entry(settings, plan)
+    if quantization is not None:
+        config["quantization"] = quantization
     return config
 
 
@@ -283,4 +271,6 @@ def upload_to_hub(folder: Path, repo_id: str) -> None:
         api.create_repo(repo_id, repo_type="model", exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model")
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise XGLMError(f"--upload-repo {repo_id}: upload failed ({e}); {folder} is kept") from None
+        raise XGLMError(
+            f"upload_repo {repo_id}: upload failed ({e}); {folder} is kept", param="upload_repo"
+        ) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,6 +17,8 @@ from ..tokenization.tokenizer import VOCAB_FILE, XGLMTokenizer
 from .hub import snapshot
 from .quantize import apply_quantization
 from .torch_bin import TorchTensor, read_torch_bin
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 # What a checkpoint folder needs; everything else in a Hub repository (flax, tf, rust weights) is skipped.
 HUB_ALLOW_PATTERNS = [
@@ -137,12 +140,6 @@ def read_weights(model_path: Path) -> dict[str, mx.array | TorchTensor]:
     return weights
 
 
-def load_weights(model_path: Path) -> dict[str, mx.array]:
-    """All tensors of the checkpoint: safetensors lazily mapped from disk, `.bin` tensors read."""
-    weights = read_weights(model_path)
-    return {k: v.load() if isinstance(v, TorchTensor) else v for k, v in weights.items()}
-
-
 def head_is_untied(config: dict, weights: dict) -> bool:
     """True when the checkpoint stores an `lm_head.weight` that is not a copy of the token embedding."""
     head, embed = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
@@ -150,7 +147,7 @@ def head_is_untied(config: dict, weights: dict) -> bool:
         return False
     if isinstance(head, TorchTensor) and head == embed:
         return False  # torch saved the tied parameter once: same storage, same view
-    head, embed = (v.load() if isinstance(v, TorchTensor) else v for v in (head, embed))
+    head, embed = read_tensor(head), read_tensor(embed)
     return head.shape != embed.shape or not mx.array_equal(head, embed).item()
 
 
@@ -171,22 +168,53 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) 
             )
 
 
-def load_model(model_path: Path, lazy: bool = False) -> XGLMForCausalLM:
-    """Build XGLMForCausalLM from a checkpoint folder."""
-    config_dict = load_config(model_path)
-    weights = load_weights(model_path)
-    if head_is_untied(config_dict, weights):
+@dataclass
+class Checkpoint:
+    """A checkpoint folder, checked but not read: what `load` and `convert` both start from.
+
+    `config` is its config.json (with `tie_word_embeddings` false when the head is untied); `model` the
+    XGLMForCausalLM it describes, its layers quantized where the checkpoint stores them quantized, its
+    weights not loaded; `tensors` maps each of the model's parameter names to a tensor not read yet.
+    """
+
+    path: Path
+    config: dict
+    model: XGLMForCausalLM
+    tensors: dict[str, mx.array | TorchTensor]
+
+
+def open_checkpoint(model_path: Path) -> Checkpoint:
+    """Read config.json, find every tensor and check it against the model the config describes.
+
+    Nothing is read from the weight files beyond their headers (except to compare an `lm_head.weight`
+    with the embedding); an untied head is kept with a warning. Raises XGLMError naming the file or tensor.
+    """
+    config = load_config(model_path)
+    tensors = read_weights(model_path)
+    if head_is_untied(config, tensors):
         warnings.warn(
             f"{model_path}: lm_head.weight differs from the token embedding; using it as an untied head",
-            stacklevel=2,
+            stacklevel=3,
         )
-        config_dict = {**config_dict, "tie_word_embeddings": False}
-    model = XGLMForCausalLM(XGLMConfig.from_dict(config_dict))
-    weights = model.sanitize(weights)
-    if "quantization" in config_dict:
-        apply_quantization(model, config_dict["quantization"], set(weights))
-    check_weights(model, weights, model_path)
-    model.load_weights(list(weights.items()))
+        config = {**config, "tie_word_embeddings": False}
+    model = XGLMForCausalLM(XGLMConfig.from_dict(config))
+    tensors = model.sanitize(tensors)
+    if "quantization" in config:
+        apply_quantization(model, config["quantization"], set(tensors))
+    check_weights(model, tensors, model_path)
+    return Checkpoint(model_path, config, model, tensors)
+
+
+def read_tensor(tensor: mx.array | TorchTensor) -> mx.array:
+    """An mx.array of a checkpoint tensor: a safetensors array stays lazy, a `.bin` tensor is read."""
+    return tensor.load() if isinstance(tensor, TorchTensor) else tensor
+
+
+def load_model(model_path: Path, lazy: bool = False) -> XGLMForCausalLM:
+    """Build XGLMForCausalLM from a checkpoint folder; with `lazy`, safetensors weights load on first use."""
+    checkpoint = open_checkpoint(model_path)
+    model = checkpoint.model
+    model.load_weights([(name, read_tensor(tensor)) for name, tensor in checkpoint.tensors.items()])
     if not lazy:
         mx.eval(model.parameters())
     model.eval()

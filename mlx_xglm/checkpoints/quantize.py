@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import XGLMError
@@ -29,18 +28,26 @@ RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed
 Predicate = Callable[[str, nn.Module], "bool | dict"]
 
 
-def quant_settings(bits: int | None = None, group_size: int | None = None, mode: str = "affine") -> dict:
-    """`{"group_size", "bits", "mode"}` checked against what `mode` supports; None: the mode's default."""
+def quant_settings(
+    bits: int | None = None, group_size: int | None = None, mode: str = "affine", bits_param: str = "q_bits"
+) -> dict:
+    """`{"group_size", "bits", "mode"}` checked against what `mode` supports; None: the mode's default.
+
+    Errors name `q_bits` (or `bits_param`), `q_group_size` or `q_mode`, the parameters of `quantize_model`.
+    """
     if mode not in MODES:
-        raise XGLMError(f"--q-mode {mode!r} is not supported; use one of {', '.join(MODES)}")
+        raise XGLMError(f"q_mode {mode!r} is not supported; use one of {', '.join(MODES)}", param="q_mode")
     all_bits, all_groups, default_bits, default_group = MODES[mode]
     bits = default_bits if bits is None else bits
     group_size = default_group if group_size is None else group_size
     if bits not in all_bits:
-        raise XGLMError(f"--q-bits {bits} is not supported by --q-mode {mode}; use one of {all_bits}")
+        raise XGLMError(
+            f"{bits_param} {bits} is not supported in {mode} mode; use one of {all_bits}", param=bits_param
+        )
     if group_size not in all_groups:
         raise XGLMError(
-            f"--q-group-size {group_size} is not supported by --q-mode {mode}; use one of {all_groups}"
+            f"q_group_size {group_size} is not supported in {mode} mode; use one of {all_groups}",
+            param="q_group_size",
         )
     return {"group_size": group_size, "bits": bits, "mode": mode}
 
@@ -81,9 +88,16 @@ def resolve_predicate(
     if quant_predicate is None or callable(quant_predicate):
         return quant_predicate, settings
     if quant_predicate not in RECIPES:
-        raise XGLMError(f"--quant-predicate {quant_predicate!r} is unknown; use one of {', '.join(RECIPES)}")
+        raise XGLMError(
+            f"quant_predicate {quant_predicate!r} is unknown; use one of {', '.join(RECIPES)}",
+            param="quant_predicate",
+        )
     if settings["mode"] != "affine":
-        raise XGLMError(f"--quant-predicate {quant_predicate} mixes affine bit widths; use --q-mode affine")
+        raise XGLMError(
+            f"q_mode {settings['mode']} does not go with the mixed recipe {quant_predicate}, which mixes "
+            "affine bit widths; use q_mode affine",
+            param="q_mode",
+        )
     low, high = RECIPES[quant_predicate]
     return mixed_recipe(low, high, num_layers, settings["group_size"]), {**settings, "bits": low}
 
@@ -105,10 +119,36 @@ def quantization_plan(
             continue
         chosen = {**settings, **chosen} if isinstance(chosen, dict) else dict(settings)
         if embed_bits is not None and path in ("model.embed_tokens", "lm_head"):
-            chosen = quant_settings(embed_bits, chosen["group_size"], chosen["mode"])
+            chosen = quant_settings(embed_bits, chosen["group_size"], chosen["mode"], bits_param="embed_bits")
         if module.weight.shape[-1] % chosen["group_size"] == 0:
             plan[path] = chosen
     return plan
+
+
+def quantize_model(
+    model: nn.Module,
+    q_bits: int | None = None,
+    q_group_size: int | None = None,
+    q_mode: str = "affine",
+    quant_predicate: str | Predicate | None = None,
+    embed_bits: int | None = None,
+) -> dict:
+    """Quantize `model`'s Linear layers and token embedding in place; returns config.json's "quantization".
+
+    `q_bits` (2, 3, 4, 5, 6, 8; default 4), `q_group_size` (32, 64, 128; default 64) and `q_mode`
+    ("affine", "mxfp4", "mxfp8", "nvfp4"; other modes fix their own bits and group size) are the defaults;
+    `quant_predicate` is a recipe name ("mixed_3_6", ...) or a callable `(path, module) -> bool | dict`
+    that declines a module or gives its own settings; `embed_bits` sets the bits of the embedding, which
+    is also the tied LM head. Layers whose input width is not a multiple of the group size stay in floating
+    point. The new weights are computed lazily, as MLX does. Raises XGLMError naming a bad parameter.
+    """
+    settings = quant_settings(q_bits, q_group_size, q_mode)
+    if embed_bits is not None:
+        quant_settings(embed_bits, settings["group_size"], settings["mode"], bits_param="embed_bits")
+    predicate, settings = resolve_predicate(quant_predicate, settings, model.config.num_layers)
+    plan = quantization_plan(model, settings, predicate, embed_bits)
+    nn.quantize(model, class_predicate=lambda path, module: plan.get(path, False))
+    return config_entry(settings, plan)
 
 
 def config_entry(settings: dict, plan: dict[str, dict]) -> dict:
@@ -136,15 +176,3 @@ def apply_quantization(model: nn.Module, quantization: dict, weight_names: set[s
         return module_settings(quantization, path)
 
     nn.quantize(model, class_predicate=predicate)
-
-
-def dequantize_weight(weights: dict[str, mx.array], path: str, settings: dict) -> mx.array:
-    """The floating-point weight of the quantized module at `path`."""
-    return mx.dequantize(
-        weights[f"{path}.weight"],
-        weights[f"{path}.scales"],
-        weights.get(f"{path}.biases"),
-        group_size=settings["group_size"],
-        bits=settings["bits"],
-        mode=settings["mode"],
-    )
