@@ -6,12 +6,15 @@ import pytest
 
 from mlx_xglm import (
     XGLMError,
+    can_trim_prompt_cache,
     generate_step,
     load,
     load_prompt_cache,
     make_prompt_cache,
     save_prompt_cache,
+    trim_prompt_cache,
 )
+from mlx_xglm.decoding import cached_tokens, prompt_cache_max_kv_size
 from mlx_xglm.decoding.cache import KVCache, RotatingKVCache
 
 TEXT = "The quick brown fox jumps over the lazy dog. Москва является столицей России. 敏捷的棕色狐狸"
@@ -79,8 +82,11 @@ def test_generation_with_max_kv_size_differs_from_full_attention_only_past_the_w
     prompt = mx.array(tokenizer.encode("Le renard"))
     full = [t for t, _ in generate_step(prompt, model, max_tokens=30)]
     windowed = [t for t, _ in generate_step(prompt, model, max_tokens=30, max_kv_size=16)]
-    # Until the window is full the two are the same computation.
-    assert windowed[: 16 - prompt.size] == full[: 16 - prompt.size]
+    # Token k comes from the query at position prompt.size - 1 + k, which sees k + prompt.size positions:
+    # while those fit in the window the two are the same computation, after that they part.
+    fits = 16 - prompt.size + 1
+    assert windowed[:fits] == full[:fits]
+    assert windowed[fits:] != full[fits:]
 
 
 def test_kv_cache_trim_drops_the_last_positions(model_and_tokenizer):
@@ -88,9 +94,9 @@ def test_kv_cache_trim_drops_the_last_positions(model_and_tokenizer):
     ids = mx.array(tokenizer.encode(TEXT))
     cache = make_prompt_cache(model)
     model(ids[None], cache=cache)
-    assert cache[0].trim(5) == 5 and cache[0].offset == ids.size - 5
-    for c in cache[1:]:
-        c.trim(5)
+    assert can_trim_prompt_cache(cache)
+    assert trim_prompt_cache(cache, 5) == 5
+    assert cached_tokens(cache) == ids.size - 5 and all(c.offset == ids.size - 5 for c in cache)
     next_logits = np.array(model(ids[-5:][None], cache=cache))
     assert np.abs(next_logits - np.array(model(ids[None]))[:, -5:]).max() <= 1e-5
 
@@ -101,6 +107,27 @@ def test_rotating_cache_trims_only_before_it_wraps():
     assert cache.is_trimmable() and cache.trim(1) == 1 and cache.offset == 2
     cache.update_and_fetch(mx.zeros((1, 2, 5, 8)), mx.zeros((1, 2, 5, 8)))
     assert not cache.is_trimmable() and cache.trim(1) == 0 and cache.offset == 7
+
+
+def test_a_wrapped_rotating_prompt_cache_is_left_whole(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    cache = make_prompt_cache(model, max_kv_size=8)
+    model(mx.array([tokenizer.encode(TEXT)[:12]]), cache=cache)
+    assert prompt_cache_max_kv_size(cache) == 8 and prompt_cache_max_kv_size(make_prompt_cache(model)) is None
+    assert not can_trim_prompt_cache(cache)
+    assert trim_prompt_cache(cache, 3) == 0 and cached_tokens(cache) == 12
+
+
+@pytest.mark.parametrize("meta_state", [{"offset": 0}, {"offset": 0, "max_size": 4}])
+def test_from_state_rebuilds_each_cache_type(meta_state):
+    kind = RotatingKVCache if "max_size" in meta_state else KVCache
+    empty = kind.from_state((), meta_state)
+    assert type(empty) is kind and empty.state == () and empty.meta_state == meta_state
+    keys = mx.arange(2 * 3 * 6 * 5, dtype=mx.float32).reshape(2, 3, 6, 5)
+    empty.update_and_fetch(keys, -keys)
+    rebuilt = kind.from_state(empty.state, empty.meta_state)
+    assert rebuilt.meta_state == empty.meta_state
+    assert all(mx.array_equal(a, b).item() for a, b in zip(rebuilt.state, empty.state, strict=True))
 
 
 def test_max_kv_size_must_be_positive():

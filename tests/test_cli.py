@@ -14,10 +14,18 @@ from pathlib import Path
 import mlx.core as mx
 import pexpect
 import pytest
-from test_load import fill_hub_cache
-from xglm_fixtures import hub_config, random_weights
+from mlx_xglm.cli.main import build_parser, error_line
+from xglm_fixtures import fill_hub_cache, hub_config, random_weights
 
-from mlx_xglm import __version__, generate, load, make_logits_processors, make_prompt_cache, make_sampler
+from mlx_xglm import (
+    XGLMError,
+    __version__,
+    generate,
+    load,
+    make_logits_processors,
+    make_prompt_cache,
+    make_sampler,
+)
 
 CLI = [sys.executable, "-m", "mlx_xglm.cli"]
 FOOTER = re.compile(
@@ -243,6 +251,15 @@ def test_missing_model_folder(mlx_xglm, tmp_path):
 def test_bad_value_names_the_flag(tiny, mlx_xglm, flag, value, message):
     out = mlx_xglm("generate", "--model", tiny[0], "--prompt", PROMPT, flag, value)
     assert_one_error_line(out, message)
+
+
+def test_the_parameter_at_fault_is_shown_as_the_commands_flag():
+    flags = build_parser().parse_args(["convert", "--hf-path", "x"]).flags
+    assert flags["mlx_path"] == "--mlx-path" and flags["quantize"] == "--quantize"
+    error = XGLMError("mlx_path /tmp/mlx_path/out already exists", param="mlx_path")
+    assert error_line(error, flags) == "error: --mlx-path /tmp/mlx_path/out already exists"
+    assert error_line(XGLMError("temp must be >= 0", param="temp"), flags) == "error: temp must be >= 0"
+    assert error_line(XGLMError("no such file"), flags) == "error: no such file"
 
 
 def test_unreadable_prompt_file(tiny, mlx_xglm, tmp_path):

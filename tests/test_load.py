@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from xglm_fixtures import hub_config, random_weights
+from xglm_fixtures import fill_hub_cache, hub_config, random_weights
 
 from mlx_xglm import XGLMError, XGLMForCausalLM, XGLMTokenizer, load
 from mlx_xglm.model.xglm import sinusoidal_table
@@ -150,15 +150,6 @@ def test_hub_repo_id_uses_snapshot_download_with_allow_list(monkeypatch, tiny_ch
     assert (repo_id, revision) == ("facebook/xglm-tiny", "refs/pr/4")
     assert "config.json" in patterns and "sentencepiece.bpe.model" in patterns
     assert not any(p.endswith((".msgpack", ".h5", ".ot")) for p in patterns)
-
-
-def fill_hub_cache(hf_home, repo_id, folder):
-    """Lay `folder` out as huggingface_hub's cache does after a download of `repo_id`."""
-    commit = "0" * 40
-    repo_dir = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
-    shutil.copytree(folder, repo_dir / "snapshots" / commit)
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(commit)
 
 
 def run_offline(hf_home, code):

@@ -2,51 +2,9 @@
 
 import pytest
 from reference import reference_tokenizer
+from xglm_fixtures import PARITY_STRINGS
 
 from mlx_xglm import XGLMError, XGLMTokenizer
-
-PARITY_STRINGS = [
-    "",
-    " ",
-    "     ",
-    "\t",
-    "\n",
-    "\n\n\n",
-    " \t\n \r\n ",
-    "Hello World!",
-    "  leading and trailing  ",
-    "multiple     spaces    inside",
-    "tabs\tand\nnewlines\r\nmixed",
-    "Café naïve façade résumé",
-    "Привет, мир! Москва",
-    "Καλημέρα, τι κάνεις;",
-    "今天天气很好，我们去公园散步吧。",
-    "東京は日本の首都です。",
-    "서울은 한국의 수도입니다.",
-    "القاهرة هي عاصمة مصر",
-    "दिल्ली भारत की राजधानी है।",
-    "กรุงเทพมหานครเป็นเมืองหลวง",
-    "சென்னை தமிழ்நாட்டின் தலைநகரம்",
-    "emoji 😀👍🏽 and flags 🇫🇮",
-    "out of vocabulary: ☃ ❄ ♞ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
-    "mixed English русский 中文 العربية हिंदी ไทย",
-    "a</s>b",
-    "a </s> b",
-    "x <pad> y",
-    "<madeupword3>",
-    "hi <madeupword3>there <madeupword6>",
-    "<s>start",
-    "end<unk>",
-    "</s></s>",
-    "<madeupword7> is not special",
-    "ｆｕｌｌｗｉｄｔｈ １２３",
-    "ligature ﬁ and Å versus Å",
-    "numbers 3.14159, 2048 and 100%",
-    "don't stop, Hello , world .",
-    "<s> hi </s>",
-    "zero\u200bwidth",
-    "x" * 80,
-]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 from reference import reference_tokenizer
-from test_tokenizer import PARITY_STRINGS
+from xglm_fixtures import PARITY_STRINGS
 
 from mlx_xglm import BatchEncoding, XGLMError, XGLMTokenizer
 

@@ -8,6 +8,7 @@ large, so next-token logits have wide margins and greedy decoding is stable acro
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,57 @@ def build_checkpoint(
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     write_tokenizer_files(folder, sp_model)
     return folder
+
+
+# Texts whose ids and decoding must equal transformers': every script, whitespace, specials, unknowns.
+PARITY_STRINGS = [
+    "",
+    " ",
+    "     ",
+    "\t",
+    "\n",
+    "\n\n\n",
+    " \t\n \r\n ",
+    "Hello World!",
+    "  leading and trailing  ",
+    "multiple     spaces    inside",
+    "tabs\tand\nnewlines\r\nmixed",
+    "Café naïve façade résumé",
+    "Привет, мир! Москва",
+    "Καλημέρα, τι κάνεις;",
+    "今天天气很好，我们去公园散步吧。",
+    "東京は日本の首都です。",
+    "서울은 한국의 수도입니다.",
+    "القاهرة هي عاصمة مصر",
+    "दिल्ली भारत की राजधानी है।",
+    "กรุงเทพมหานครเป็นเมืองหลวง",
+    "சென்னை தமிழ்நாட்டின் தலைநகரம்",
+    "emoji 😀👍🏽 and flags 🇫🇮",
+    "out of vocabulary: ☃ ❄ ♞ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "mixed English русский 中文 العربية हिंदी ไทย",
+    "a</s>b",
+    "a </s> b",
+    "x <pad> y",
+    "<madeupword3>",
+    "hi <madeupword3>there <madeupword6>",
+    "<s>start",
+    "end<unk>",
+    "</s></s>",
+    "<madeupword7> is not special",
+    "ｆｕｌｌｗｉｄｔｈ １２３",
+    "ligature ﬁ and Å versus Å",
+    "numbers 3.14159, 2048 and 100%",
+    "don't stop, Hello , world .",
+    "<s> hi </s>",
+    "zero\u200bwidth",
+    "x" * 80,
+]
+
+
+def fill_hub_cache(hf_home, repo_id, folder):
+    """Lay `folder` out as huggingface_hub's cache does after a download of `repo_id`."""
+    commit = "0" * 40
+    repo_dir = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
