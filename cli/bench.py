@@ -12,8 +12,7 @@ from rich.table import Table
 
 from mlx_xglm import XGLMError, load
 from mlx_xglm.bench import PRESETS, benchmark, random_model
-from mlx_xglm.checkpoints.loading import DTYPES
-from mlx_xglm.checkpoints.quantize import quantize_model
+from mlx_xglm.checkpoints import DTYPES, quantize_model
 
 EXAMPLES = """\
 examples:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mlx_xglm.checkpoints.convert import convert
-from mlx_xglm.checkpoints.loading import DTYPES
+from mlx_xglm.checkpoints import DTYPES, convert
 from mlx_xglm.checkpoints.quantize import MODES, RECIPES
 
 EXAMPLES = """examples:

@@ -9,7 +9,7 @@ import pytest
 
 from mlx_xglm import XGLMError, load
 from mlx_xglm.bench import PRESETS, benchmark, preset_config, weight_bytes
-from mlx_xglm.checkpoints.quantize import quantize_model
+from mlx_xglm.checkpoints import quantize_model
 
 
 def bench(*args):
