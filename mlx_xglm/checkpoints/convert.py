@@ -93,7 +93,8 @@ def convert(
     quantization = None
     if quantize:
         quantization = quantize_model(model, q_bits, q_group_size, q_mode, quant_predicate, embed_bits)
-    # What the output quantizes: the layers quantize_model made quantized (lazily; their values come here).
+    # The output quantizes the layers quantize_model turned into quantized ones; their values are filled in
+    # below from the checkpoint's tensors, one at a time.
     plan = {path: module_settings(quantization, path) for path in _quantized_paths(model)} if quantize else {}
 
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -207,8 +207,3 @@ def read_torch_bin(path: str | Path) -> dict[str, TorchTensor]:
     if not isinstance(state, dict) or not all(isinstance(v, TorchTensor) for v in state.values()):
         raise XGLMError(f"{path} does not hold a state dict of tensors")
     return dict(state)
-
-
-def load_torch_bin(path: str | Path) -> dict[str, mx.array]:
-    """All tensors of a `pytorch_model.bin` as mx.arrays (see `read_torch_bin`)."""
-    return {name: tensor.load() for name, tensor in read_torch_bin(path).items()}
