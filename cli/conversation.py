@@ -66,8 +66,8 @@ class Conversation:
     def reset(self) -> None:
         """Forget every turn; the next one starts a new document."""
         self.cache = make_prompt_cache(self.model, max_kv_size=self.max_kv_size)
-        # `cached`: the ids the cache holds. `pending`: ids of the transcript it has not read yet, starting
-        # with the `</s>` every XGLM document begins with.
+        # `cached`: the ids the cache holds. `pending`: ids of the transcript it has not read yet. The first
+        # turn, starting the document, gets its leading `</s>` from prompt_ids.
         self.cached: list[int] = []
         self.pending: list[int] = []
 
