@@ -181,30 +181,37 @@ def test_subword_regularisation_matches_reference(tiny_checkpoint, transformers)
 
 
 @pytest.mark.parametrize(
-    "args, kwargs, message",
+    "args, kwargs, param, message",
     [
-        ((TEXTS,), {"return_tensors": "np"}, "different lengths"),
-        ((TEXTS,), {"return_tensors": "pt", "padding": True}, "return_tensors='pt'"),
-        ((TEXTS,), {"padding": "sideways"}, "padding='sideways'"),
-        ((TEXTS,), {"truncation": "middle"}, "truncation='middle'"),
-        ((TEXTS,), {"padding": True, "padding_side": "up"}, "padding_side='up'"),
-        ((TEXTS[0],), {"truncation": "only_second", "max_length": 3}, "needs a text_pair"),
-        ((TEXTS[0], PAIRS[0]), {"truncation": "only_second", "max_length": 3}, "second sequence has only"),
-        ((TEXTS[0],), {"truncation": True, "max_length": 1}, "first sequence has only"),
-        ((TEXTS, PAIRS[:2]), {}, "text_pair must match text"),
-        ((TEXTS, PAIRS[0]), {}, "text_pair must match text"),
-        (([1, 2],), {}, "text must be a string or a list of strings"),
+        ((TEXTS,), {"return_tensors": "np"}, "padding", "different lengths"),
+        ((TEXTS,), {"return_tensors": "pt", "padding": True}, "return_tensors", "return_tensors='pt'"),
+        ((TEXTS,), {"padding": "sideways"}, "padding", "padding='sideways'"),
+        ((TEXTS,), {"truncation": "middle"}, "truncation", "truncation='middle'"),
+        ((TEXTS,), {"padding": True, "padding_side": "up"}, "padding_side", "padding_side='up'"),
+        ((TEXTS[0],), {"truncation": "only_second", "max_length": 3}, "truncation", "needs a text_pair"),
+        (
+            (TEXTS[0], PAIRS[0]),
+            {"truncation": "only_second", "max_length": 3},
+            "max_length",
+            "second sequence has only",
+        ),
+        ((TEXTS[0],), {"truncation": True, "max_length": 1}, "max_length", "first sequence has only"),
+        ((TEXTS, PAIRS[:2]), {}, "text_pair", "text_pair must match text"),
+        ((TEXTS, PAIRS[0]), {}, "text_pair", "text_pair must match text"),
+        (([1, 2],), {}, "text", "text must be a string or a list of strings"),
         (
             (TEXTS,),
             {"padding": True, "truncation": True, "max_length": 9, "pad_to_multiple_of": 4},
+            "max_length",
             "multiple",
         ),
     ],
 )
-def test_bad_call_arguments_are_clear_errors(tiny_checkpoint, args, kwargs, message):
+def test_bad_call_arguments_are_errors_naming_the_parameter(tiny_checkpoint, args, kwargs, param, message):
     tok = XGLMTokenizer.from_pretrained(tiny_checkpoint)
-    with pytest.raises(XGLMError, match=message):
+    with pytest.raises(XGLMError, match=message) as error:
         tok(*args, **kwargs)
+    assert error.value.param == param
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]"])

@@ -38,7 +38,7 @@ def _strategy(table: dict, value, flag: str) -> str | None:
         return table[value]
     except (KeyError, TypeError):
         choices = ", ".join(repr(k) for k in table)
-        raise XGLMError(f"{flag}={value!r} is not supported; use one of {choices}") from None
+        raise XGLMError(f"{flag}={value!r} is not supported; use one of {choices}", param=flag) from None
 
 
 def resolve_lengths(padding, truncation, max_length, model_max_length, pad_to_multiple_of):
@@ -57,7 +57,8 @@ def resolve_lengths(padding, truncation, max_length, model_max_length, pad_to_mu
     if cut and pad and pad_to_multiple_of and max_length is not None and max_length % pad_to_multiple_of:
         raise XGLMError(
             f"max_length={max_length} is not a multiple of pad_to_multiple_of={pad_to_multiple_of}; "
-            "truncation and padding together need it to be"
+            "truncation and padding together need it to be",
+            param="max_length",
         )
     return pad, cut, max_length
 
@@ -75,16 +76,21 @@ def truncate(ids: list[int], pair: list[int] | None, remove: int, strategy: str,
         if len(ids) <= remove:
             raise XGLMError(
                 f"cannot truncate to max_length: {remove} ids must go but the first sequence has only "
-                f"{len(ids)}; raise max_length or use truncation='longest_first' or 'only_second'"
+                f"{len(ids)}; raise max_length or use truncation='longest_first' or 'only_second'",
+                param="max_length",
             )
         return cut(ids, remove), pair
     if strategy == "only_second":
         if pair is None:
-            raise XGLMError("truncation='only_second' needs a text_pair; single texts use 'longest_first'")
+            raise XGLMError(
+                "truncation='only_second' needs a text_pair; single texts use 'longest_first'",
+                param="truncation",
+            )
         if len(pair) <= remove:
             raise XGLMError(
                 f"cannot truncate to max_length: {remove} ids must go but the second sequence has only "
-                f"{len(pair)}; raise max_length or use truncation='longest_first' or 'only_first'"
+                f"{len(pair)}; raise max_length or use truncation='longest_first' or 'only_first'",
+                param="max_length",
             )
         return ids, cut(pair, remove)
     # longest_first on a pair: first even out the lengths, then take the rest alternately, the longer
@@ -101,7 +107,9 @@ def truncate(ids: list[int], pair: list[int] | None, remove: int, strategy: str,
 def pad_rows(rows: list[list[int]], length: int, pad_id: int, side: str, with_mask: bool) -> dict:
     """`input_ids` padded with `pad_id` to `length` on `side`, and the matching 1/0 `attention_mask`."""
     if side not in ("left", "right"):
-        raise XGLMError(f"padding_side={side!r} is not supported; use 'left' or 'right'")
+        raise XGLMError(
+            f"padding_side={side!r} is not supported; use 'left' or 'right'", param="padding_side"
+        )
     ids, masks = [], []
     for row in rows:
         extra = max(length - len(row), 0)
@@ -116,12 +124,16 @@ def as_tensors(data: dict, return_tensors: str | None) -> dict:
     if return_tensors is None:
         return data
     if return_tensors not in ("np", "mlx"):
-        raise XGLMError(f"return_tensors={return_tensors!r} is not supported; use None, 'np' or 'mlx'")
+        raise XGLMError(
+            f"return_tensors={return_tensors!r} is not supported; use None, 'np' or 'mlx'",
+            param="return_tensors",
+        )
     lengths = {len(row) for row in data["input_ids"]}
     if len(lengths) > 1:
         raise XGLMError(
             "the sequences have different lengths, so they cannot form one array; pass padding=True "
-            "(and truncation=True to cap them)"
+            "(and truncation=True to cap them)",
+            param="padding",
         )
     convert = np.array if return_tensors == "np" else mx.array
     return {key: convert(value) for key, value in data.items()}
@@ -145,12 +157,15 @@ def encode_batch(
     batched = not isinstance(text, str)
     texts = list(text) if batched else [text]
     if not all(isinstance(t, str) for t in texts):
-        raise XGLMError("text must be a string or a list of strings")
+        raise XGLMError("text must be a string or a list of strings", param="text")
     pairs = None
     if text_pair is not None:
         pairs = list(text_pair) if batched else [text_pair]
         if batched == isinstance(text_pair, str) or len(pairs) != len(texts):
-            raise XGLMError("text_pair must match text: a string for a string, a list as long for a list")
+            raise XGLMError(
+                "text_pair must match text: a string for a string, a list as long for a list",
+                param="text_pair",
+            )
     pad, cut, length = resolve_lengths(
         padding, truncation, max_length, tokenizer.model_max_length, pad_to_multiple_of
     )
