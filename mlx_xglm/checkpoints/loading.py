@@ -71,7 +71,9 @@ def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> 
             "with `hf auth login`"
         ) from None
     except RevisionNotFoundError:
-        raise XGLMError(f"revision {revision!r} not found in Hub repository {repo_id}") from None
+        raise XGLMError(
+            f"revision {revision!r} not found in Hub repository {repo_id}", param="revision"
+        ) from None
     except RepositoryNotFoundError:
         raise XGLMError(f"{repo_id} is neither a local folder nor a Hub repository you can access") from None
     except HFValidationError:
