@@ -11,6 +11,7 @@ from .decoding import (
     make_logits_processors,
     make_prompt_cache,
     make_sampler,
+    model_fingerprint,
     save_prompt_cache,
     stream_generate,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "make_logits_processors",
     "make_prompt_cache",
     "make_sampler",
+    "model_fingerprint",
     "save_prompt_cache",
     "stream_generate",
 ]

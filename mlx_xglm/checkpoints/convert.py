@@ -1,16 +1,15 @@
 """Hub or PyTorch checkpoints to MLX folders: dtype changes, quantization, dequantization, upload.
 
 Tensors are read, converted and quantized one at a time, so memory stays near the size of the output.
-The output is built in a hidden temporary folder beside `mlx_path` and renamed into place at the end: an
-error or Ctrl-C leaves nothing behind, and an existing folder is never written into.
+The output is built in a hidden folder beside `mlx_path` and renamed into place at the end
+(`mlx_xglm.outputs.staged_folder`): an error, Ctrl-C, SIGTERM or SIGHUP leaves nothing behind, and an
+existing folder is never written into.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..errors import XGLMError
 from ..model.xglm import XGLMConfig, XGLMForCausalLM
+from ..outputs import save_safetensors, staged_folder
 from ..tokenization.tokenizer import VOCAB_FILE
 from .loading import check_weights, head_is_untied, load_config, read_weights, resolve_model_path
 from .model_card import model_card
@@ -102,7 +102,7 @@ def convert(
         )
         config["tie_word_embeddings"] = False
 
-    model = XGLMForCausalLM(XGLMConfig.from_dict(config))
+    model = XGLMForCausalLM(XGLMConfig.from_dict(config, source=source / "config.json"))
     names = model.sanitize({name: name for name in tensors})
     if "quantization" not in config:
         check_weights(model, {new: tensors[old] for new, old in names.items()}, source)
@@ -111,9 +111,7 @@ def convert(
         predicate, settings = resolve_predicate(quant_predicate, settings, model.config.num_layers)
         plan = quantization_plan(model, settings, predicate, embed_bits)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
+    with staged_folder(target, param="mlx_path") as work:
         # Without --dtype a dequantized model returns to the float type it was quantized from.
         out_dtype = DTYPES.get(dtype) or (DTYPES.get(config.get("torch_dtype")) if dequantize else None)
         weights, n_params = _convert_tensors(tensors, names, config, plan, out_dtype, console)
@@ -124,12 +122,6 @@ def convert(
         _copy_side_files(source, work, config)
         (work / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (work / "README.md").write_text(model_card(hf_path, source, upload_repo or target.name, config))
-        if target.exists():
-            raise XGLMError(f"--mlx-path {target} appeared while converting; the result was discarded")
-        os.rename(work, target)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
 
     report = ConversionReport(
         target,
@@ -246,12 +238,12 @@ def _save_weights(folder: Path, weights: dict[str, mx.array], max_shard_size: in
     shards.append(current)
     total = sum(v.nbytes for v in weights.values())
     if len(shards) == 1:
-        mx.save_safetensors(str(folder / "model.safetensors"), shards[0], metadata={"format": "mlx"})
+        save_safetensors(folder / "model.safetensors", shards[0], metadata={"format": "mlx"})
         return total
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(folder / file), shard, metadata={"format": "mlx"})
+        save_safetensors(folder / file, shard, metadata={"format": "mlx"})
         weight_map.update(dict.fromkeys(shard, file))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -137,12 +137,6 @@ def read_weights(model_path: Path) -> dict[str, mx.array | TorchTensor]:
     return weights
 
 
-def load_weights(model_path: Path) -> dict[str, mx.array]:
-    """All tensors of the checkpoint: safetensors lazily mapped from disk, `.bin` tensors read."""
-    weights = read_weights(model_path)
-    return {k: v.load() if isinstance(v, TorchTensor) else v for k, v in weights.items()}
-
-
 def head_is_untied(config: dict, weights: dict) -> bool:
     """True when the checkpoint stores an `lm_head.weight` that is not a copy of the token embedding."""
     head, embed = weights.get("lm_head.weight"), weights.get("model.embed_tokens.weight")
@@ -174,18 +168,20 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) 
 def load_model(model_path: Path, lazy: bool = False) -> XGLMForCausalLM:
     """Build XGLMForCausalLM from a checkpoint folder."""
     config_dict = load_config(model_path)
-    weights = load_weights(model_path)
+    weights = read_weights(model_path)
     if head_is_untied(config_dict, weights):
         warnings.warn(
             f"{model_path}: lm_head.weight differs from the token embedding; using it as an untied head",
             stacklevel=2,
         )
         config_dict = {**config_dict, "tie_word_embeddings": False}
-    model = XGLMForCausalLM(XGLMConfig.from_dict(config_dict))
+    model = XGLMForCausalLM(XGLMConfig.from_dict(config_dict, source=model_path / "config.json"))
     weights = model.sanitize(weights)
     if "quantization" in config_dict:
         apply_quantization(model, config_dict["quantization"], set(weights))
+    # Shapes are checked against config.json before any `.bin` tensor is read into memory.
     check_weights(model, weights, model_path)
+    weights = {k: v.load() if isinstance(v, TorchTensor) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()))
     if not lazy:
         mx.eval(model.parameters())

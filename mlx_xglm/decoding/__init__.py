@@ -2,6 +2,7 @@
 
 from .batch import batch_generate
 from .cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+from .cache_files import model_fingerprint
 from .generate import generate, generate_step, stream_generate
 from .sample_utils import make_logits_processors, make_sampler
 
@@ -13,6 +14,7 @@ __all__ = [
     "make_logits_processors",
     "make_prompt_cache",
     "make_sampler",
+    "model_fingerprint",
     "save_prompt_cache",
     "stream_generate",
 ]
