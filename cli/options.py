@@ -86,8 +86,24 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     )
 
 
+def check_seed(seed: int | None) -> None:
+    """Refuse a --seed that MLX's generator cannot take (it needs 0 to 2**64 - 1)."""
+    if seed is not None and not 0 <= seed < 2**64:
+        raise XGLMError(f"--seed must be from 0 to 2**64 - 1 (18446744073709551615), got {seed}")
+
+
+def check_utf8(text: str, flag: str) -> str:
+    """`text` from the command line, refused with an XGLMError naming `flag` when its bytes were not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise XGLMError(f"{flag} is not UTF-8 text (byte {e.start}); pass UTF-8 or use a file") from None
+    return text
+
+
 def sampling_from(args: argparse.Namespace) -> dict:
     """`sampler` and `logits_processors` for stream_generate; a bad value is an XGLMError naming its flag."""
+    check_seed(args.seed)
     if args.max_tokens < 0:
         raise XGLMError(f"--max-tokens must be 0 or more, got {args.max_tokens}")
     if args.max_kv_size is not None and args.max_kv_size < 1:
@@ -125,6 +141,8 @@ def load_model(name: str, revision: str | None, spinner) -> tuple:
     except XGLMError as e:
         if isinstance(e.__context__, LocalEntryNotFoundError):
             raise XGLMError(f"{e} (--model PATH)") from None
+        if e.param == "revision":
+            raise XGLMError(f"--revision applies to Hub repo ids; {name} is a local folder") from None
         raise
     with spinner(f"Loading {name}"):
         model, tokenizer = load(path)

@@ -11,12 +11,15 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .checkpoints.tiny import TINY
 from .decoding.generate import generate_step
 from .errors import XGLMError
 from .model.xglm import XGLMConfig, XGLMForCausalLM
 
-# The shapes of the released checkpoints (XGLM.md); all share vocab 256008 and 2048 positions.
+# The shapes of the released checkpoints (XGLM.md), which share vocab 256008 and 2048 positions, and of the
+# tiny checkpoint `mlx-xglm tiny` writes.
 PRESETS = {
+    "tiny": TINY,
     "564M": {"num_layers": 24, "d_model": 1024, "ffn_dim": 4096, "attention_heads": 16},
     "1.7B": {"num_layers": 24, "d_model": 2048, "ffn_dim": 8192, "attention_heads": 16},
     "2.9B": {"num_layers": 48, "d_model": 2048, "ffn_dim": 8192, "attention_heads": 16},
@@ -42,8 +45,10 @@ def random_model(
         raise XGLMError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     shape = dict(PRESETS[preset])
     if layers is not None:
-        if layers < 1:
-            raise XGLMError(f"--layers must be at least 1, got {layers}")
+        if not 1 <= layers <= shape["num_layers"]:
+            raise XGLMError(
+                f"--layers must be from 1 to the {preset} preset's {shape['num_layers']} layers, got {layers}"
+            )
         shape["num_layers"] = layers
     model = XGLMForCausalLM(XGLMConfig(**shape))
     model.set_dtype(DTYPES[dtype])

@@ -24,7 +24,14 @@ from ..outputs import save_safetensors, staged_folder
 from ..tokenization.tokenizer import VOCAB_FILE
 from .loading import check_weights, head_is_untied, load_config, read_weights, resolve_model_path
 from .model_card import model_card
-from .quantize import config_entry, module_settings, quant_settings, quantization_plan, resolve_predicate
+from .quantize import (
+    MODES,
+    config_entry,
+    module_settings,
+    quant_settings,
+    quantization_plan,
+    resolve_predicate,
+)
 from .torch_bin import TorchTensor
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -149,12 +156,27 @@ def _check_options(quantize, q_bits, q_group_size, q_mode, quant_predicate, dtyp
     if quantize and dequantize:
         raise XGLMError("-q/--quantize and -d/--dequantize exclude each other; pick one")
     if not quantize:
-        if quant_predicate is not None or embed_bits is not None:
-            raise XGLMError("--quant-predicate and --embed-bits need -q/--quantize")
+        given = {
+            "--q-bits": q_bits,
+            "--q-group-size": q_group_size,
+            "--q-mode": None if q_mode == "affine" else q_mode,
+            "--quant-predicate": quant_predicate,
+            "--embed-bits": embed_bits,
+        }
+        for flag, value in given.items():
+            if value is not None:
+                raise XGLMError(f"{flag} needs -q/--quantize (nothing is quantized without it)")
         return None
     settings = quant_settings(q_bits, q_group_size, q_mode)
     if embed_bits is not None:
-        quant_settings(embed_bits, settings["group_size"], settings["mode"])
+        try:
+            quant_settings(embed_bits, settings["group_size"], settings["mode"])
+        except XGLMError:
+            allowed = MODES[settings["mode"]][0]
+            raise XGLMError(
+                f"--embed-bits {embed_bits} is not supported by --q-mode {settings['mode']}; "
+                f"use one of {allowed}"
+            ) from None
     return settings
 
 

@@ -42,6 +42,11 @@ def resolve_model_path(
     """A local checkpoint folder, downloading `path_or_repo` from the Hub when it is a repo id."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise XGLMError(
+                f"revision {revision!r} applies to Hub repo ids, but {path} is a local folder; drop it",
+                param="revision",
+            )
         return path
     if path.exists():
         raise XGLMError(f"{path} is a file; pass the checkpoint folder that contains it")

@@ -78,9 +78,8 @@ class TorchTensor:
         """
 
         def bad(what: str) -> XGLMError:
-            return XGLMError(
-                f"{self.archive.path}: tensor {name} {what}; the file is corrupt or crafted, download it again"
-            )
+            path = self.archive.path
+            return XGLMError(f"{path}: tensor {name} {what}; the file is corrupt or crafted, get it again")
 
         if not all(_is_index(v) for v in (self.offset, *self.shape, *self.stride)):
             raise bad(f"has offset {self.offset!r}, shape {self.shape!r} and strides {self.stride!r}")

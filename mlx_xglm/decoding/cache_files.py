@@ -62,9 +62,9 @@ def check_cache_file(
 ) -> tuple[list[dict], dict]:
     """The layer records and metadata of a prompt-cache file, after checking they describe a real cache.
 
-    Raises XGLMError naming `path` for an unknown layer type, missing or extra arrays, arrays of the wrong
-    rank or length, a type not in `cache_types`, inconsistent layers, an offset past `MAX_OFFSET`, arrays larger than the file, or a
-    fingerprint that differs from `fingerprint` (the file was made by another model or tokenizer).
+    Raises XGLMError naming `path` for a layer type not in `cache_types`, missing or extra arrays, arrays
+    of the wrong rank or length, inconsistent layers, an offset past `MAX_OFFSET`, arrays larger than the
+    file, or a fingerprint that differs from `fingerprint` (the file was made by another model or tokenizer).
     """
 
     def bad(what: str) -> XGLMError:

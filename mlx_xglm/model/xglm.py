@@ -59,7 +59,7 @@ class XGLMConfig:
     def from_dict(cls, config: dict, source: str | Path | None = None) -> XGLMConfig:
         """Build a config from a `config.json` mapping, ignoring keys XGLM does not define.
 
-        Every field is checked; a bad one is an XGLMError naming the field and `source`, the file it came from.
+        Every field is checked: a bad one is an XGLMError naming the field and `source`, its file.
         """
         fields = inspect.signature(cls).parameters
         try:
@@ -72,7 +72,6 @@ class XGLMConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.attention_heads
-
 
 
 def _is_int(value) -> bool:
@@ -91,7 +90,8 @@ def _is_token_id(value) -> bool:
 
 def _config_problem(config: XGLMConfig) -> tuple[str, str] | None:
     """The first field that cannot describe an XGLM model, and what is wrong with it."""
-    for name in ("vocab_size", "max_position_embeddings", "d_model", "ffn_dim", "num_layers", "attention_heads"):
+    sizes = ("vocab_size", "max_position_embeddings", "d_model", "ffn_dim", "num_layers", "attention_heads")
+    for name in sizes:
         value = getattr(config, name)
         if not _is_int(value) or value < 1:
             return name, "must be a positive integer"
