@@ -7,10 +7,13 @@ import sys
 from contextlib import closing
 from itertools import chain
 
+from mlx_xglm import XGLMError
+
 from .conversation import DEFAULT_TEMPLATE, Conversation, split_template
 from .options import (
     add_model_args,
     add_sampling_args,
+    check_utf8,
     help_formatter,
     load_model,
     sampling_from,
@@ -61,7 +64,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     renderer = Renderer()
     sampling = sampling_from(args)
-    template = unescape(args.template)
+    template = unescape(check_utf8(args.template, "--template"))
     split_template(template)
     model, tokenizer, _ = load_model(args.model, args.revision, renderer.spinner)
     conversation = Conversation(model, tokenizer, template, max_kv_size=args.max_kv_size)
@@ -79,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print()
             return 130
+        except UnicodeDecodeError as e:
+            raise XGLMError(f"the chat input is not UTF-8 text ({e.reason} at byte {e.start})") from None
         command = line.strip()
         if not command:
             continue
