@@ -76,14 +76,15 @@ def run(args: argparse.Namespace) -> int:
     while True:
         try:
             line = input(conversation.user_prompt)
+            line.encode("utf-8")  # undecodable bytes arrive as surrogates in the C locale
         except EOFError:
             print()
             return 0
         except KeyboardInterrupt:
             print()
             return 130
-        except UnicodeDecodeError as e:
-            raise XGLMError(f"the chat input is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except UnicodeError:
+            raise XGLMError("the chat input is not UTF-8 text; type or pipe UTF-8") from None
         command = line.strip()
         if not command:
             continue
