@@ -97,11 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         print("error: out of memory; try a smaller model, --max-kv-size or fewer tokens", file=sys.stderr)
         return 1
     except Exception as e:
-        print(
-            f"error: internal error ({type(e).__name__}: {e}); MLX_XGLM_DEBUG=1 shows the traceback",
-            file=sys.stderr,
-        )
+        _internal_error(e)
         return 1
+
+
+def _internal_error(e: BaseException) -> None:
+    """One line for a failure that is not the user's (a bug): what it was, and how to see where."""
+    print(
+        f"error: internal error ({type(e).__name__}: {e}); MLX_XGLM_DEBUG=1 shows the traceback",
+        file=sys.stderr,
+    )
 
 
 def _flushed(code: int) -> int:
@@ -134,7 +139,10 @@ def entry() -> None:
         if os.environ.get("MLX_XGLM_DEBUG"):
             traceback.print_exc()
         code = 128 + getattr(e, "signum", signal.SIGINT)
-    except BaseException:
-        traceback.print_exc()  # only with MLX_XGLM_DEBUG=1: main turns everything else into one line
+    except BaseException as e:  # with MLX_XGLM_DEBUG=1, or a failure before a command runs
+        if os.environ.get("MLX_XGLM_DEBUG"):
+            traceback.print_exc()
+        else:
+            _internal_error(e)
         code = 1
     os._exit(_flushed(code))

@@ -50,7 +50,7 @@ def test_table_report(tiny_checkpoint):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--preset", "564M", "--layers", "0"], "--layers must be at least 1"),
+        (["--preset", "564M", "--layers", "0"], "--layers must be from 1 to the 564M preset's 24 layers"),
         (["--model", "MODEL", "--layers", "2"], "--layers applies to --preset only"),
         (["--model", "MODEL", "--trials", "0"], "--trials must be at least 1"),
     ],
@@ -74,7 +74,7 @@ def test_preset_shapes_follow_the_released_checkpoints():
     assert len(model.layers) == 1 and model.config.vocab_size == 256008
     assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
     assert isinstance(model.layers[0].fc1, nn.QuantizedLinear)
-    assert set(PRESETS) == {"564M", "1.7B", "2.9B", "4.5B", "7.5B"}
+    assert set(PRESETS) == {"tiny", "564M", "1.7B", "2.9B", "4.5B", "7.5B"}
     with pytest.raises(XGLMError, match="unknown preset"):
         random_model("13B")
 
