@@ -157,3 +157,9 @@ def test_a_read_only_folder_for_the_prompt_cache_is_refused_before_generating(ti
     )
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == f"error: --prompt-cache-file {cache}: folder {small_disk} is not writable\n"
+
+
+def test_a_read_only_filesystem_during_convert_names_the_output(tiny_checkpoint, small_disk):
+    subprocess.run(["mount", "-o", "remount,ro", small_disk], check=True)
+    with pytest.raises(XGLMError, match=rf"cannot write {small_disk / 'out'}: Read-only file system"):
+        convert(tiny_checkpoint, small_disk / "out", verbose=False)
