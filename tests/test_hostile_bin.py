@@ -16,7 +16,7 @@ import pytest
 from xglm_fixtures import hub_config, random_weights, write_tokenizer_files
 
 from mlx_xglm import XGLMError, load
-from mlx_xglm.checkpoints.torch_bin import TorchTensor, load_torch_bin, read_torch_bin
+from mlx_xglm.checkpoints.torch_bin import TorchTensor, read_torch_bin
 
 
 def _global(module: str, name: str) -> bytes:
@@ -50,7 +50,7 @@ SIX_FLOATS = {"0": np.arange(6, dtype=np.float32).tobytes()}
 
 def test_a_hand_written_file_reads_back(tmp_path):
     write_bin(tmp_path / "w.bin", {"w": tensor_record("0", 1, (2, 2), (1, 2))}, SIX_FLOATS)
-    assert np.array(load_torch_bin(tmp_path / "w.bin")["w"]).tolist() == [[1.0, 3.0], [2.0, 4.0]]
+    assert np.array(read_torch_bin(tmp_path / "w.bin")["w"].load()).tolist() == [[1.0, 3.0], [2.0, 4.0]]
 
 
 @pytest.mark.parametrize(
