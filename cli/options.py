@@ -141,8 +141,6 @@ def load_model(name: str, revision: str | None, spinner) -> tuple:
     except XGLMError as e:
         if isinstance(e.__context__, LocalEntryNotFoundError):
             raise XGLMError(f"{e} (--model PATH)") from None
-        if e.param == "revision":
-            raise XGLMError(f"--revision applies to Hub repo ids; {name} is a local folder") from None
         raise
     with spinner(f"Loading {name}"):
         model, tokenizer = load(path)

@@ -80,7 +80,7 @@ def test_bench_layers_beyond_the_preset_are_refused():
 
 def test_a_revision_for_a_local_folder_is_refused(tiny_checkpoint, tmp_path):
     result = run("generate", "--model", tiny_checkpoint, "--revision", "v2", "--prompt", "x")
-    assert "--revision applies to Hub repo ids" in one_error_line(result)
+    assert "revision 'v2' applies to Hub repo ids" in one_error_line(result)
     result = run("convert", "--hf-path", tiny_checkpoint, "--revision", "v2", "--mlx-path", tmp_path / "out")
     assert "applies to Hub repo ids" in one_error_line(result)
 
