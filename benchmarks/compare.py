@@ -125,7 +125,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", choices=list(PRESETS), default="564M")
+    # The released shapes only: the peers here are built with the released vocabulary.
+    parser.add_argument("--preset", choices=[p for p in PRESETS if p != "tiny"], default="564M")
     parser.add_argument("--layers", type=int)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--q-bits", type=int)

@@ -7,10 +7,13 @@ import sys
 from contextlib import closing
 from itertools import chain
 
+from mlx_xglm import XGLMError
+
 from .conversation import DEFAULT_TEMPLATE, Conversation, split_template
 from .options import (
     add_model_args,
     add_sampling_args,
+    check_utf8,
     help_formatter,
     load_model,
     sampling_from,
@@ -61,7 +64,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     renderer = Renderer()
     sampling = sampling_from(args)
-    template = unescape(args.template)
+    template = unescape(check_utf8(args.template, "--template"))
     split_template(template)
     model, tokenizer, _ = load_model(args.model, args.revision, renderer.spinner)
     conversation = Conversation(model, tokenizer, template, max_kv_size=args.max_kv_size)
@@ -73,12 +76,15 @@ def run(args: argparse.Namespace) -> int:
     while True:
         try:
             line = input(conversation.user_prompt)
+            line.encode("utf-8")  # undecodable bytes arrive as surrogates in the C locale
         except EOFError:
             print()
             return 0
         except KeyboardInterrupt:
             print()
             return 130
+        except UnicodeError:
+            raise XGLMError("the chat input is not UTF-8 text; type or pipe UTF-8") from None
         command = line.strip()
         if not command:
             continue

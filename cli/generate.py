@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from itertools import chain
 from pathlib import Path
@@ -13,6 +14,7 @@ from mlx_xglm import (
     can_trim_prompt_cache,
     load_prompt_cache,
     make_prompt_cache,
+    model_fingerprint,
     save_prompt_cache,
     stream_generate,
     trim_prompt_cache,
@@ -23,6 +25,7 @@ from mlx_xglm.tokenization import NEWLINES, prompt_ids
 from .options import (
     add_model_args,
     add_sampling_args,
+    check_utf8,
     help_formatter,
     load_model,
     sampling_from,
@@ -93,7 +96,7 @@ def register(subparsers) -> None:
 def read_prompt(args: argparse.Namespace) -> str:
     """The prompt text from --prompt, --prompt-file or stdin; one trailing newline of a file is dropped."""
     if args.prompt is not None and args.prompt != "-":
-        return unescape(args.prompt)
+        return unescape(check_utf8(args.prompt, "--prompt"))
     source = args.prompt_file
     if source is None and args.prompt is None:
         if sys.stdin.isatty():
@@ -120,15 +123,17 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
+    stop = [unescape(check_utf8(s, "--stop")) for s in args.stop]
     cache_file = Path(args.prompt_cache_file) if args.prompt_cache_file else None
-    if cache_file is not None and cache_file.suffix != ".safetensors":
-        raise XGLMError(f"--prompt-cache-file {cache_file} must end in .safetensors")
+    if cache_file is not None:
+        check_cache_path(cache_file)
     renderer = Renderer(quiet=args.quiet or args.json)
     sampling = sampling_from(args)
     model, tokenizer, load_seconds = load_model(args.model, args.revision, renderer.spinner)
+    fingerprint = model_fingerprint(model, tokenizer) if cache_file is not None else None
 
     if cache_file is not None and cache_file.exists():
-        cache = load_prompt_cache(cache_file)
+        cache = load_prompt_cache(cache_file, fingerprint=fingerprint)
         kept = prompt_cache_max_kv_size(cache)
         if args.max_kv_size is not None and args.max_kv_size != kept:
             raise XGLMError(
@@ -146,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         ids,
         args.max_tokens,
         prompt_cache=cache,
-        stop=[unescape(s) for s in args.stop] or None,
+        stop=stop or None,
         newlines=args.newlines,
         **sampling,
     )
@@ -165,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
     finish = "interrupted" if status else getattr(last, "finish_reason", None)
 
     if cache_file is not None and cached == 0 and not status:
-        save_prompt_only(cache_file, cache, len(ids), {"model": args.model, "newlines": args.newlines})
+        metadata = {"model": args.model, "newlines": args.newlines}
+        save_prompt_only(cache_file, cache, len(ids), metadata, fingerprint)
     if args.json:
         print(json.dumps(result_object("".join(text), tokens, finish, last), ensure_ascii=False))
     elif last is None:
@@ -184,7 +190,24 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-def save_prompt_only(path: Path, cache: list, n_prompt: int, metadata: dict[str, str]) -> None:
+def check_cache_path(path: Path) -> None:
+    """Refuse a --prompt-cache-file that could be neither read nor written, before anything is generated."""
+    if path.suffix != ".safetensors":
+        raise XGLMError(f"--prompt-cache-file {path} must end in .safetensors")
+    if path.exists():
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise XGLMError(f"--prompt-cache-file {path} is not a readable file")
+        return
+    folder = path.parent
+    if not folder.is_dir():
+        raise XGLMError(f"--prompt-cache-file {path}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise XGLMError(f"--prompt-cache-file {path}: folder {folder} is not writable")
+
+
+def save_prompt_only(
+    path: Path, cache: list, n_prompt: int, metadata: dict[str, str], fingerprint: str | None
+) -> None:
     """Trim the generated tokens off `cache` and save the prompt's part to `path`."""
     extra = cached_tokens(cache) - n_prompt
     if extra and not can_trim_prompt_cache(cache):
@@ -193,7 +216,7 @@ def save_prompt_only(path: Path, cache: list, n_prompt: int, metadata: dict[str,
             f"{prompt_cache_max_kv_size(cache)}; raise --max-kv-size or drop it"
         )
     trim_prompt_cache(cache, extra)
-    save_prompt_cache(path, cache, metadata)
+    save_prompt_cache(path, cache, metadata, fingerprint=fingerprint)
 
 
 def result_object(text: str, tokens: list[int], finish: str | None, last) -> dict:

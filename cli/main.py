@@ -3,16 +3,21 @@
 Each subcommand is a module in this package with `register(subparsers)`, which adds its parser and sets
 `run=function(args) -> exit code` as the parser's default.
 
-Exit status: 0 done, 1 an error the user can fix (one line `error: ...` on stderr; the traceback only with
-MLX_XGLM_DEBUG=1), 2 bad command-line flags (argparse's usage message), 130 interrupted with Ctrl-C.
+Exit status: 0 done (also when the reader of stdout went away, as in `| head`), 1 an error (one line
+`error: ...` on stderr; the traceback only with MLX_XGLM_DEBUG=1), 2 bad command-line flags (argparse's
+usage message), 130 interrupted with Ctrl-C, 143 or 129 by SIGTERM or SIGHUP while writing an output.
+The script leaves through `entry`, which flushes and ends the process with `os._exit`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import signal
 import sys
+import traceback
 import warnings
 
 from mlx_xglm import XGLMError, __version__
@@ -22,6 +27,7 @@ COMMANDS: list[str] = [
     "chat",
     "convert",
     "bench",
+    "tiny",
 ]
 
 EXAMPLES = """\
@@ -30,6 +36,7 @@ examples:
   mlx-xglm chat --model ./xglm-564M
   mlx-xglm convert --hf-path facebook/xglm-564M -q --mlx-path xglm-564M-4bit
   mlx-xglm bench --preset 564M
+  mlx-xglm tiny --mlx-path tiny-xglm    # a small random-weight checkpoint for trying things offline
   mlx-xglm COMMAND --help
 
 Set MLX_XGLM_DEBUG=1 to see the full traceback of an error.
@@ -78,6 +85,7 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command and return its exit status; errors become one line on stderr (see the module doc)."""
     # Library warnings (an untied head, say) read like the errors: one line, no source location.
     warnings.formatwarning = _one_line_warning
     parser = build_parser()
@@ -88,21 +96,76 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    debug = bool(os.environ.get("MLX_XGLM_DEBUG"))
+    if os.environ.get("MLX_XGLM_DEBUG"):
+        return args.run(args)
     try:
         return args.run(args)
     except XGLMError as e:
-        if debug:
-            raise
         print(error_line(e, getattr(args, "flags", {})), file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        # Ctrl-C before any text was made (while loading, say): end the line the ^C was echoed on.
-        if debug:
-            raise
+    except KeyboardInterrupt as e:
+        # Ctrl-C (or SIGTERM/SIGHUP while an output was written) before any text was made: end the line
+        # the ^C was echoed on. The status is 128 + the signal's number, as the shell's.
         print(file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
+        # The reader went away (`| head`): a normal end. Stop quietly, and keep the flush at exit quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print("error: out of memory; try a smaller model, --max-kv-size or fewer tokens", file=sys.stderr)
+        return 1
+    except Exception as e:
+        _internal_error(e)
+        return 1
+
+
+def _internal_error(e: BaseException) -> None:
+    """One line for a failure that is not the user's (a bug): what it was, and how to see where."""
+    print(
+        f"error: internal error ({type(e).__name__}: {e}); MLX_XGLM_DEBUG=1 shows the traceback",
+        file=sys.stderr,
+    )
+
+
+def _flushed(code: int) -> int:
+    """Flush stdout and stderr; a reader gone away is a normal end, a failed write an error."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            pass
+        except (OSError, ValueError) as e:
+            code = code or 1
+            with contextlib.suppress(OSError, ValueError):
+                os.write(2, f"error: cannot write the output: {getattr(e, 'strerror', e)}\n".encode())
+    return code
+
+
+def entry() -> None:
+    """The `mlx-xglm` script: run `main`, flush the output, and leave with `os._exit`.
+
+    A normal interpreter exit waits for the thread pool of a preloaded OpenBLAS (the README's recipe for
+    float32 speed on Linux), which can hang forever; by then every output is written and flushed.
+    """
+    try:
+        code = main()
+    except SystemExit as e:  # argparse: --help, --version, usage errors
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt as e:
+        if os.environ.get("MLX_XGLM_DEBUG"):
+            traceback.print_exc()
+        code = 128 + getattr(e, "signum", signal.SIGINT)
+    except BaseException as e:  # with MLX_XGLM_DEBUG=1, or a failure before a command runs
+        if os.environ.get("MLX_XGLM_DEBUG"):
+            traceback.print_exc()
+        else:
+            _internal_error(e)
+        code = 1
+    os._exit(_flushed(code))

@@ -77,8 +77,24 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     )
 
 
+def check_seed(seed: int | None) -> None:
+    """Refuse a --seed that MLX's generator cannot take (it needs 0 to 2**64 - 1)."""
+    if seed is not None and not 0 <= seed < 2**64:
+        raise XGLMError(f"--seed must be from 0 to 2**64 - 1 (18446744073709551615), got {seed}")
+
+
+def check_utf8(text: str, flag: str) -> str:
+    """`text` from the command line, refused with an XGLMError naming `flag` when its bytes were not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise XGLMError(f"{flag} is not UTF-8 text (byte {e.start}); pass UTF-8 or use a file") from None
+    return text
+
+
 def sampling_from(args: argparse.Namespace) -> dict:
     """`sampler` and `logits_processors` for stream_generate, built (and checked) before the model loads."""
+    check_seed(args.seed)
     sampler = make_sampler(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p)
     processors = make_logits_processors(repetition_penalty=args.repetition_penalty)
     return {"sampler": sampler, "logits_processors": processors}

@@ -13,12 +13,15 @@ from mlx.utils import tree_flatten
 
 from .checkpoints.loading import DTYPES
 from .checkpoints.quantize import quantize_model
+from .checkpoints.tiny import TINY
 from .decoding.generate import generate_step
 from .errors import XGLMError
 from .model.xglm import XGLMConfig, XGLMForCausalLM
 
-# The shapes of the released checkpoints (XGLM.md); all share vocab 256008 and 2048 positions.
+# The shapes of the released checkpoints (XGLM.md), which share vocab 256008 and 2048 positions, and of the
+# tiny checkpoint `mlx-xglm tiny` writes.
 PRESETS = {
+    "tiny": TINY,
     "564M": {"num_layers": 24, "d_model": 1024, "ffn_dim": 4096, "attention_heads": 16},
     "1.7B": {"num_layers": 24, "d_model": 2048, "ffn_dim": 8192, "attention_heads": 16},
     "2.9B": {"num_layers": 48, "d_model": 2048, "ffn_dim": 8192, "attention_heads": 16},
@@ -33,8 +36,11 @@ def preset_config(preset: str, layers: int | None = None) -> XGLMConfig:
         raise XGLMError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}", param="preset")
     shape = dict(PRESETS[preset])
     if layers is not None:
-        if layers < 1:
-            raise XGLMError(f"layers must be at least 1, got {layers}", param="layers")
+        if not 1 <= layers <= shape["num_layers"]:
+            raise XGLMError(
+                f"layers must be from 1 to {shape['num_layers']} (the {preset} preset's depth), got {layers}",
+                param="layers",
+            )
         shape["num_layers"] = layers
     return XGLMConfig(**shape)
 

@@ -51,7 +51,7 @@ def test_table_report(tiny_checkpoint):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--preset", "564M", "--layers", "0"], "--layers must be at least 1"),
+        (["--preset", "564M", "--layers", "0"], "--layers must be from 1 to 24 (the 564M preset's depth)"),
         (["--model", "MODEL", "--layers", "2"], "--layers applies to --preset only"),
         (["--model", "MODEL", "--trials", "0"], "--trials must be at least 1"),
     ],
@@ -74,7 +74,7 @@ def test_preset_shapes_follow_the_released_checkpoints():
     assert (config.d_model, config.ffn_dim, config.attention_heads) == (1024, 4096, 16)
     assert config.num_layers == 1 and config.vocab_size == 256008
     assert preset_config("7.5B").num_layers == 32
-    assert set(PRESETS) == {"564M", "1.7B", "2.9B", "4.5B", "7.5B"}
+    assert set(PRESETS) == {"tiny", "564M", "1.7B", "2.9B", "4.5B", "7.5B"}
     with pytest.raises(XGLMError, match="unknown preset"):
         preset_config("13B")
 

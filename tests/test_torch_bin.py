@@ -196,8 +196,8 @@ def test_storage_shorter_than_its_tensor_is_named(fp16_bin, tmp_path):
         for info in src.infolist():
             data = src.read(info)
             dst.writestr(info, data[:64] if info.filename.endswith("/data/0") else data)
-    with pytest.raises(XGLMError, match=r"pytorch_model\.bin: storage 0 is shorter than its tensor"):
-        [tensor.load() for tensor in read_torch_bin(file).values()]
+    with pytest.raises(XGLMError, match=r"pytorch_model\.bin: tensor \S+ runs past the end of its storage 0"):
+        read_torch_bin(file)
 
 
 def test_cli_reports_a_truncated_bin_in_one_line(fp16_bin, tmp_path):

@@ -1,8 +1,9 @@
 """Tiny XGLM checkpoints in the exact Hub layout, built offline.
 
-The tokenizer is a sentencepiece BPE model trained on `data/multilingual.txt` (more than ten scripts) with
-the ids fairseq's sentencepiece models use (unk 0, <s> 1, </s> 2, no pad). Weights are random but drawn
-large, so next-token logits have wide margins and greedy decoding is stable across implementations.
+The tokenizer is a sentencepiece BPE model trained on `mlx_xglm/checkpoints/data/multilingual.txt` (more
+than ten scripts) with the ids fairseq's sentencepiece models use (unk 0, <s> 1, </s> 2, no pad). Weights
+are random but drawn large, so next-token logits have wide margins and greedy decoding is stable across
+implementations.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import sentencepiece as spm
 from safetensors.numpy import save_file
 
-DATA = Path(__file__).parent / "data"
-TEXT_FILE = DATA / "multilingual.txt"
+# The tokenizer training and the weights are those of `mlx-xglm tiny` (mlx_xglm/checkpoints/tiny.py).
+from mlx_xglm.checkpoints.tiny import TEXT_FILE, random_weights, train_sentencepiece  # noqa: F401
+
 SP_PIECES = 1000
 # sentencepiece pieces + <pad> (the one fairseq special sentencepiece lacks) + 7 <madeupword>s.
 VOCAB_SIZE = SP_PIECES + 1 + 7
@@ -28,25 +29,6 @@ TINY = {
     "attention_heads": 4,
     "max_position_embeddings": 64,
 }
-
-
-def train_sentencepiece(path: Path) -> Path:
-    """Train the fixture tokenizer model into `path`; deterministic for a given text."""
-    with open(path, "wb") as out:
-        spm.SentencePieceTrainer.train(
-            input=str(TEXT_FILE),
-            model_writer=out,
-            vocab_size=SP_PIECES,
-            model_type="bpe",
-            character_coverage=1.0,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            num_threads=1,
-            minloglevel=2,
-        )
-    return path
 
 
 def hub_config(**overrides) -> dict:
@@ -73,33 +55,6 @@ def hub_config(**overrides) -> dict:
     }
     config.update(overrides)
     return config
-
-
-def random_weights(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    """Hub-named float32 tensors for `config`, drawn with wide logit margins in mind."""
-    rng = np.random.default_rng(seed)
-    d, f = config["d_model"], config["ffn_dim"]
-
-    def normal(*shape, std):
-        return (rng.standard_normal(shape) * std).astype(np.float32)
-
-    weights = {"model.embed_tokens.weight": normal(config["vocab_size"], d, std=1.0)}
-    for name, shape in [("model.layer_norm", (d,))]:
-        weights[f"{name}.weight"] = 1.0 + normal(*shape, std=0.1)
-        weights[f"{name}.bias"] = normal(*shape, std=0.1)
-    for i in range(config["num_layers"]):
-        p = f"model.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            weights[f"{p}self_attn.{proj}.weight"] = normal(d, d, std=d**-0.5)
-            weights[f"{p}self_attn.{proj}.bias"] = normal(d, std=0.1)
-        weights[f"{p}fc1.weight"] = normal(f, d, std=d**-0.5)
-        weights[f"{p}fc1.bias"] = normal(f, std=0.1)
-        weights[f"{p}fc2.weight"] = normal(d, f, std=f**-0.5)
-        weights[f"{p}fc2.bias"] = normal(d, std=0.1)
-        for norm in ("self_attn_layer_norm", "final_layer_norm"):
-            weights[f"{p}{norm}.weight"] = 1.0 + normal(d, std=0.1)
-            weights[f"{p}{norm}.bias"] = normal(d, std=0.1)
-    return weights
 
 
 def write_tokenizer_files(folder: Path, sp_model: Path) -> None:

@@ -1,7 +1,17 @@
-"""Checkpoints: Hub access, loading, the torch-free `.bin` reader, conversion, quantization, model cards."""
+"""Checkpoints: Hub access, loading, the torch-free `.bin` reader, conversion, quantization, model cards,
+and the tiny random-weight checkpoint for trying things offline."""
 
 from .convert import convert
 from .loading import DTYPES, Checkpoint, load, open_checkpoint
 from .quantize import quantize_model
+from .tiny import write_tiny_checkpoint
 
-__all__ = ["DTYPES", "Checkpoint", "convert", "load", "open_checkpoint", "quantize_model"]
+__all__ = [
+    "DTYPES",
+    "Checkpoint",
+    "convert",
+    "load",
+    "open_checkpoint",
+    "quantize_model",
+    "write_tiny_checkpoint",
+]

@@ -1,16 +1,15 @@
 """Hub or PyTorch checkpoints to MLX folders: dtype changes, quantization, dequantization, upload.
 
 Tensors are read, converted and quantized one at a time, so memory stays near the size of the output.
-The output is built in a hidden temporary folder beside `mlx_path` and renamed into place at the end: an
-error or Ctrl-C leaves nothing behind, and an existing folder is never written into.
+The output is built in a hidden folder beside `mlx_path` and renamed into place at the end
+(`mlx_xglm.outputs.staged_folder`): an error, Ctrl-C, SIGTERM or SIGHUP leaves nothing behind, and an
+existing folder is never written into.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..errors import XGLMError
 from ..model.xglm import XGLMConfig
+from ..outputs import save_safetensors, staged_folder
 from ..tokenization.tokenizer import VOCAB_FILE
 from .loading import DTYPES, HUB_ALLOW_PATTERNS, open_checkpoint, read_tensor, resolve_model_path
 from .model_card import model_card
@@ -97,9 +97,7 @@ def convert(
     # below from the checkpoint's tensors, one at a time.
     plan = {path: module_settings(quantization, path) for path in _quantized_paths(model)} if quantize else {}
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
+    with staged_folder(target, param="mlx_path") as work:
         # Without a dtype a dequantized model returns to the float type it was quantized from.
         out_dtype = DTYPES.get(dtype) or (DTYPES.get(config.get("torch_dtype")) if dequantize else None)
         weights, n_params = _convert_tensors(checkpoint.tensors, config, plan, out_dtype, console)
@@ -108,14 +106,6 @@ def convert(
         _copy_side_files(source, work, config)
         (work / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (work / "README.md").write_text(model_card(hf_path, source, upload_repo or target.name, config))
-        if target.exists():
-            raise XGLMError(
-                f"mlx_path {target} appeared while converting; the result was discarded", param="mlx_path"
-            )
-        os.rename(work, target)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
 
     report = ConversionReport(
         target,
@@ -143,9 +133,18 @@ def _check_options(quantize, q_bits, q_group_size, q_mode, quant_predicate, dtyp
     if quantize and dequantize:
         raise XGLMError("dequantize cannot be combined with quantize; pick one", param="dequantize")
     if not quantize:
-        for name, value in (("quant_predicate", quant_predicate), ("embed_bits", embed_bits)):
+        given = {
+            "q_bits": q_bits,
+            "q_group_size": q_group_size,
+            "q_mode": None if q_mode == "affine" else q_mode,
+            "quant_predicate": quant_predicate,
+            "embed_bits": embed_bits,
+        }
+        for name, value in given.items():
             if value is not None:
-                raise XGLMError(f"{name} only applies when quantizing", param=name)
+                raise XGLMError(
+                    f"{name} only applies when quantizing; nothing is quantized without it", param=name
+                )
         return
     settings = quant_settings(q_bits, q_group_size, q_mode)
     if embed_bits is not None:
@@ -235,12 +234,12 @@ def _save_weights(folder: Path, weights: dict[str, mx.array], max_shard_size: in
     shards.append(current)
     total = sum(v.nbytes for v in weights.values())
     if len(shards) == 1:
-        mx.save_safetensors(str(folder / "model.safetensors"), shards[0], metadata={"format": "mlx"})
+        save_safetensors(folder / "model.safetensors", shards[0], metadata={"format": "mlx"})
         return total
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(folder / file), shard, metadata={"format": "mlx"})
+        save_safetensors(folder / file, shard, metadata={"format": "mlx"})
         weight_map.update(dict.fromkeys(shard, file))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

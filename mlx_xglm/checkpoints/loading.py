@@ -45,6 +45,11 @@ def resolve_model_path(
     """A local checkpoint folder, downloading `path_or_repo` from the Hub when it is a repo id."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise XGLMError(
+                f"revision {revision!r} applies to Hub repo ids, but {path} is a local folder; drop it",
+                param="revision",
+            )
         return path
     if path.exists():
         raise XGLMError(f"{path} is a file; pass the checkpoint folder that contains it")
@@ -199,7 +204,7 @@ def open_checkpoint(model_path: Path) -> Checkpoint:
             stacklevel=3,
         )
         config = {**config, "tie_word_embeddings": False}
-    model = XGLMForCausalLM(XGLMConfig.from_dict(config))
+    model = XGLMForCausalLM(XGLMConfig.from_dict(config, source=model_path / "config.json"))
     tensors = model.sanitize(tensors)
     if "quantization" in config:
         apply_quantization(model, config["quantization"], set(tensors))

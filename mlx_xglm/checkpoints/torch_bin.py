@@ -4,12 +4,16 @@ torch.save writes a zip archive: `<name>/data.pkl` pickles the state dict, and e
 little-endian file `<name>/data/<key>`. The pickle refers to storages by key and rebuilds tensors through
 `torch._utils._rebuild_tensor_v2`. We unpickle with a `find_class` that admits only those rebuild functions,
 the storage types and OrderedDict, so a hostile pickle (one that names `os.system`, say) is refused before
-anything of it runs. Tensors are read one at a time, when asked for, from a memory map of the file.
+anything of it runs. Every tensor record (storage, offset, shape, strides) is checked against its storage
+and the file's size before any data is touched; tensors are then read one at a time, when asked for, from
+a memory map of the file.
 """
 
 from __future__ import annotations
 
+import math
 import pickle
+import re
 import struct
 import zipfile
 from collections import OrderedDict
@@ -35,6 +39,7 @@ STORAGE_DTYPES = {
     "BoolStorage": np.bool_,
     "UntypedStorage": np.uint8,
 }
+MAX_DIMS = 32
 
 
 @dataclass(frozen=True)
@@ -64,17 +69,42 @@ class TorchTensor:
             return mx.bfloat16
         return mx.array(np.zeros(0, STORAGE_DTYPES[self.storage.kind])).dtype
 
+    def check(self, name: str) -> None:
+        """Raise XGLMError unless this record describes a tensor inside its storage; reads no tensor data.
+
+        Offsets and strides must be non-negative integers, the last element must lie inside the storage,
+        and the tensor's bytes cannot exceed the file's size (an expanded view of a few stored values
+        could otherwise ask for any amount of memory).
+        """
+
+        def bad(what: str) -> XGLMError:
+            path = self.archive.path
+            return XGLMError(f"{path}: tensor {name} {what}; the file is corrupt or crafted, get it again")
+
+        if not all(_is_index(v) for v in (self.offset, *self.shape, *self.stride)):
+            raise bad(f"has offset {self.offset!r}, shape {self.shape!r} and strides {self.stride!r}")
+        if len(self.shape) != len(self.stride) or len(self.shape) > MAX_DIMS:
+            raise bad(f"has {len(self.shape)} dimensions but {len(self.stride)} strides")
+        itemsize = np.dtype(STORAGE_DTYPES[self.storage.kind]).itemsize
+        if math.prod(self.shape) * itemsize > self.archive.size:
+            raise bad(f"of shape {self.shape} would need more bytes than the whole file holds")
+        elements = self.archive.storage_elements(self.storage)
+        if self.offset + _extent(self.shape, self.stride) > elements:
+            raise bad(f"runs past the end of its storage {self.storage.key} ({elements} elements)")
+
     def load(self) -> mx.array:
-        """The tensor's values as an mx.array (reads its storage from the archive)."""
+        """The tensor's values as an mx.array (reads its storage from the archive); `check` comes first."""
         data = self.archive.read_storage(self.storage)
         itemsize = data.itemsize
-        if self.offset + _extent(self.shape, self.stride) > data.size:
-            raise XGLMError(f"{self.archive.path}: storage {self.storage.key} is shorter than its tensor")
         view = np.lib.stride_tricks.as_strided(
             data[self.offset :], self.shape, [s * itemsize for s in self.stride], writeable=False
         )
         array = mx.array(view if view.flags.c_contiguous else view.copy())
         return array.view(mx.bfloat16) if self.storage.kind == "BFloat16Storage" else array
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
@@ -90,22 +120,35 @@ class _Archive:
         self.prefix = prefix
         byteorder = f"{prefix}/byteorder"
         self.big_endian = byteorder in zf.namelist() and zf.read(byteorder).strip() == b"big"
+        self.size = path.stat().st_size
+
+    def _info(self, storage: _Storage) -> zipfile.ZipInfo:
+        name = f"{self.prefix}/data/{storage.key}"
+        try:
+            info = self.zf.getinfo(name)
+        except KeyError:
+            raise XGLMError(f"{self.path}: storage {name} is missing from the archive") from None
+        if info.file_size % np.dtype(STORAGE_DTYPES[storage.kind]).itemsize:
+            raise XGLMError(f"{self.path}: storage {name} has a partial element; the file is corrupt")
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > self.size:
+            raise XGLMError(f"{self.path}: compressed storage {name} expands past the file's size")
+        return info
+
+    def storage_elements(self, storage: _Storage) -> int:
+        """How many elements `storage` holds, from the archive's directory (no data is read)."""
+        return self._info(storage).file_size // np.dtype(STORAGE_DTYPES[storage.kind]).itemsize
 
     def read_storage(self, storage: _Storage) -> np.ndarray:
-        name = f"{self.prefix}/data/{storage.key}"
+        info = self._info(storage)
+        name = info.filename
         dtype = np.dtype(STORAGE_DTYPES[storage.kind])
         if self.big_endian:
             dtype = dtype.newbyteorder(">")
         try:
-            info = self.zf.getinfo(name)
-            if info.file_size % dtype.itemsize:
-                raise XGLMError(f"{self.path}: storage {name} has a partial element; the file is corrupt")
             if info.compress_type == zipfile.ZIP_STORED:
                 data = self._map(info, dtype)
             else:
                 data = np.frombuffer(self.zf.read(name), dtype)
-        except KeyError:
-            raise XGLMError(f"{self.path}: storage {name} is missing from the archive") from None
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
             raise XGLMError(f"{self.path} is corrupt: cannot read {name} ({e})") from None
         return data.astype(dtype.newbyteorder("="), copy=False)
@@ -157,12 +200,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
         _, storage_type, key, _location, _numel = pid
         if not isinstance(storage_type, _StorageType) or storage_type.name not in STORAGE_DTYPES:
             raise XGLMError(f"{self.archive.path}: unsupported storage type {storage_type!r}")
+        if not isinstance(key, (str, int)) or not re.fullmatch(r"\w+", str(key)):
+            raise XGLMError(f"{self.archive.path}: storage key {key!r} is not a plain name")
         return _Storage(storage_type.name, str(key))
 
     def _rebuild_tensor(self, storage, offset, shape, stride, *_ignored) -> TorchTensor:
         if not isinstance(storage, _Storage):
             raise XGLMError(f"{self.archive.path}: a tensor is rebuilt from something that is not a storage")
-        return TorchTensor(self.archive, storage, int(offset), tuple(shape), tuple(stride))
+        if not all(isinstance(v, (tuple, list)) for v in (shape, stride)):
+            raise XGLMError(f"{self.archive.path}: a tensor's shape or strides are not lists of integers")
+        return TorchTensor(self.archive, storage, offset, tuple(shape), tuple(stride))
 
 
 def _rebuild_parameter(data, _requires_grad, _backward_hooks, *_ignored):
@@ -206,4 +253,6 @@ def read_torch_bin(path: str | Path) -> dict[str, TorchTensor]:
         raise XGLMError(f"{path} is truncated or corrupt ({e}); download it again") from None
     if not isinstance(state, dict) or not all(isinstance(v, TorchTensor) for v in state.values()):
         raise XGLMError(f"{path} does not hold a state dict of tensors")
+    for name, tensor in state.items():
+        tensor.check(name)
     return dict(state)

@@ -10,6 +10,7 @@ from .cache import (
     save_prompt_cache,
     trim_prompt_cache,
 )
+from .cache_files import model_fingerprint
 from .generate import generate, generate_step, stream_generate
 from .sample_utils import make_logits_processors, make_sampler
 
@@ -24,6 +25,7 @@ __all__ = [
     "make_prompt_cache",
     "make_sampler",
     "prompt_cache_max_kv_size",
+    "model_fingerprint",
     "save_prompt_cache",
     "stream_generate",
     "trim_prompt_cache",

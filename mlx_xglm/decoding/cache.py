@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 
 from ..errors import XGLMError
+from ..outputs import save_safetensors, staged_file
+from .cache_files import FINGERPRINT_KEY, check_cache_file
 
 
 class _LayerCache:
@@ -238,8 +238,14 @@ def trim_prompt_cache(prompt_cache: list, num_tokens: int) -> int:
     return trimmed[0]
 
 
-def save_prompt_cache(path: str | Path, cache: list, metadata: dict[str, str] | None = None) -> None:
-    """Write `cache` (and optional string `metadata`) to one safetensors file, atomically."""
+def save_prompt_cache(
+    path: str | Path, cache: list, metadata: dict[str, str] | None = None, fingerprint: str | None = None
+) -> None:
+    """Write `cache` (and optional string `metadata`) to one safetensors file, atomically.
+
+    `fingerprint` (`model_fingerprint(model, tokenizer)`) records the model that made the cache, so that
+    `load_prompt_cache` can refuse it for another model.
+    """
     path = Path(path)
     arrays = {}
     layers = []
@@ -252,28 +258,27 @@ def save_prompt_cache(path: str | Path, cache: list, metadata: dict[str, str] | 
             arrays[f"{i}.keys"], arrays[f"{i}.values"] = state
         layers.append({"type": name, **layer.meta_state})
     header = {"mlx_xglm.cache": json.dumps(layers), "mlx_xglm.metadata": json.dumps(dict(metadata or {}))}
+    if fingerprint is not None:
+        header[FINGERPRINT_KEY] = fingerprint
     mx.eval(arrays)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path, param="path") as work:
+        save_safetensors(work, arrays, metadata=header)
 
 
-def load_prompt_cache(path: str | Path, return_metadata: bool = False):
-    """Read a cache written by `save_prompt_cache`; with `return_metadata`, also its metadata dict."""
+def load_prompt_cache(path: str | Path, return_metadata: bool = False, fingerprint: str | None = None):
+    """Read a cache written by `save_prompt_cache`; with `return_metadata`, also its metadata dict.
+
+    The file is checked before anything is built from it (`check_cache_file`); with `fingerprint`, a
+    cache recorded by another model or tokenizer is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise XGLMError(f"prompt cache file {path} not found")
     try:
         arrays, header = mx.load(str(path), return_metadata=True)
-        layers = json.loads(header["mlx_xglm.cache"])
-        metadata = json.loads(header.get("mlx_xglm.metadata", "{}"))
-    except (KeyError, ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         raise XGLMError(f"{path} is not a prompt cache written by save_prompt_cache ({e})") from None
+    layers, metadata = check_cache_file(path, arrays, header, CACHE_TYPES, fingerprint)
     cache = []
     for i, layer in enumerate(layers):
         kind = layer.pop("type")

@@ -9,12 +9,15 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from ..decoding.cache import KVCache
+from ..errors import XGLMError
+from .config_checks import config_problem
 from .forward import causal_lm_forward, model_forward
 
 # fairseq reserves rows 0 and 1 of the position table (row 1 is the padding row), so the first real token
@@ -47,11 +50,25 @@ class XGLMConfig:
     # False only for checkpoints whose lm_head.weight differs from the embedding (kept as its own matrix).
     tie_word_embeddings: bool = True
 
+    def __post_init__(self):
+        problem = config_problem(self, ACTIVATIONS, POSITION_OFFSET)
+        if problem is not None:
+            field, message = problem
+            raise XGLMError(f"config field {field} {message}, got {getattr(self, field)!r}", param=field)
+
     @classmethod
-    def from_dict(cls, config: dict) -> XGLMConfig:
-        """Build a config from a `config.json` mapping, ignoring keys XGLM does not define."""
+    def from_dict(cls, config: dict, source: str | Path | None = None) -> XGLMConfig:
+        """Build a config from a `config.json` mapping, ignoring keys XGLM does not define.
+
+        Every field is checked: a bad one is an XGLMError naming the field and `source`, its file.
+        """
         fields = inspect.signature(cls).parameters
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        try:
+            return cls(**{k: v for k, v in config.items() if k in fields})
+        except XGLMError as e:
+            if source is None:
+                raise
+            raise XGLMError(f"{source}: {e}", param=e.param) from None
 
     @property
     def head_dim(self) -> int:

@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from ..errors import XGLMError
+from ..outputs import staged_file
 
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
@@ -67,14 +66,6 @@ def write_configs(tokenizer, folder: Path) -> list[str]:
 
 
 def write_atomically(target: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `target`, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp makes owner-only files; saved tokenizers are ordinary readable files.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write `data` to a hidden file beside `target`, then move it into place (see `staged_file`)."""
+    with staged_file(target) as work:
+        work.write_bytes(data)
