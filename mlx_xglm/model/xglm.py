@@ -16,7 +16,7 @@ import numpy as np
 
 from ..decoding.cache import KVCache
 from .forward import causal_lm_forward, model_forward
-from .masks import additive_mask
+from .masks import Positions, additive_mask, causal
 
 # fairseq reserves rows 0 and 1 of the position table (row 1 is the padding row), so the first real token
 # reads row 2.
@@ -92,21 +92,15 @@ class XGLMSinusoidalPositionalEmbedding(nn.Module):
         # Underscored: a buffer, not a parameter, so it is neither loaded, saved nor quantized.
         self._table = mx.array(sinusoidal_table(num_positions + POSITION_OFFSET, dim, padding_idx))
 
-    def __call__(self, position_ids: mx.array) -> mx.array:
-        """Rows for `position_ids` (0-based token positions, any shape)."""
-        needed = int(position_ids.max().item()) + POSITION_OFFSET + 1 if position_ids.size else 0
-        if needed > self._table.shape[0]:
-            size = max(needed, 2 * self._table.shape[0])
-            self._table = mx.array(sinusoidal_table(size, self.dim, self.padding_idx))
-        return self._table[position_ids + POSITION_OFFSET]
-
-    def range(self, start: int, length: int) -> mx.array:
-        """Rows for positions start..start+length-1 without reading anything back from the device."""
-        end = start + length + POSITION_OFFSET
+    def __call__(self, positions: Positions) -> mx.array:
+        """Rows for `positions`: [L, dim] for a shared range, else [B, L, dim]; the table grows to fit."""
+        end = positions.end + POSITION_OFFSET
         if end > self._table.shape[0]:
             size = max(end, 2 * self._table.shape[0])
             self._table = mx.array(sinusoidal_table(size, self.dim, self.padding_idx))
-        return self._table[start + POSITION_OFFSET : end]
+        if positions.ids is None:
+            return self._table[positions.start + POSITION_OFFSET : end]
+        return self._table[positions.ids + POSITION_OFFSET]
 
 
 class XGLMAttention(nn.Module):
@@ -218,23 +212,21 @@ class XGLMModel(nn.Module):
 
         `cache` is a list of per-layer caches (or None); `mask` an attention mask (boolean or additive)
         broadcastable to [B, heads, L, S], by default the cache's own (plain causal without one);
-        `position_ids` [B, L] 0-based positions, by default the cache's. `head_mask` [layers, heads]
-        scales attention probabilities; lists `hidden_states` and `attentions` receive each layer's input
-        (then the output) and attention probabilities. In training mode dropout and layerdrop act.
+        `position_ids` [B, L] 0-based positions (or `Positions`), by default the cache's. `head_mask`
+        [layers, heads] scales attention probabilities; lists `hidden_states` and `attentions` receive
+        each layer's input (then the output) and attention probabilities. In training mode dropout and
+        layerdrop act.
         """
         cache = cache if cache is not None else [None] * len(self.layers)
         h = self.embed_tokens(inputs) * self.embed_scale if inputs_embeds is None else inputs_embeds
         length = h.shape[1]
         if position_ids is None:
-            offset = cache[0].offset if cache[0] is not None else 0
-            positions = self.embed_positions.range(offset, length)
+            positions = Positions.range(0, length) if cache[0] is None else cache[0].make_positions(length)
         else:
-            positions = self.embed_positions(position_ids)
-        h = self.dropout(h + positions.astype(h.dtype))
-        if mask is None and cache[0] is not None:
-            mask = cache[0].make_mask(length)
-        elif mask is None and length > 1:
-            mask = "causal"
+            positions = position_ids if isinstance(position_ids, Positions) else Positions.given(position_ids)
+        h = self.dropout(h + self.embed_positions(positions).astype(h.dtype))
+        if mask is None:
+            mask = causal(length) if cache[0] is None else cache[0].make_mask(length, h.dtype)
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
             if hidden_states is not None:
                 hidden_states.append(h)
