@@ -3,6 +3,7 @@
 import mlx.core as mx
 import numpy as np
 
+from mlx_xglm.decoding.batch_cache import BatchKVCache
 from mlx_xglm.model.masks import left_padding_mask, left_padding_positions, padding_positions
 
 
@@ -34,3 +35,20 @@ def test_window_keeps_the_most_recent_positions_only():
 def test_left_padding_positions_follow_each_rows_shift():
     positions = left_padding_positions(mx.array([1, 0]), mx.array([-1, 5]), offset=0, length=3, end=8)
     assert positions.ids.tolist() == [[-1, 0, 1], [5, 6, 7]]
+
+
+def test_batch_cache_keeps_positions_when_rows_join_and_leave():
+    a = BatchKVCache([1, 0])
+    a.update_and_fetch(mx.zeros((2, 1, 3, 4)), mx.zeros((2, 1, 3, 4)))
+    b = BatchKVCache([0])
+    b.update_and_fetch(mx.ones((1, 1, 5, 4)), mx.ones((1, 1, 5, 4)))
+    a.extend(b)
+    assert a.offset == 5 and a.left_padding == [3, 2, 0]
+    assert a.make_positions(1).ids.tolist() == [[2], [3], [5]]
+    a.filter([2, 0])
+    # The columns only the removed row needed are dropped.
+    assert a.offset == 5 and a.left_padding == [0, 3]
+    assert a.make_positions(1).ids.tolist() == [[5], [2]]
+    a.filter([1])
+    assert a.offset == 2 and a.left_padding == [0] and a.make_positions(1).start == 2
+    assert a.make_mask(1, mx.float32) is None
