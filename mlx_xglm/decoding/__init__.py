@@ -1,4 +1,4 @@
-"""Decoding: KV caches, samplers and logits processors, and the generation loops."""
+"""Decoding: KV caches, samplers and logits processors, the batched engine and the generation loops."""
 
 from .batch import batch_generate
 from .cache import (
@@ -11,10 +11,14 @@ from .cache import (
     trim_prompt_cache,
 )
 from .cache_files import model_fingerprint
+from .engine import BatchGenerator, BatchStats, Response
 from .generate import generate, generate_step, stream_generate
 from .sample_utils import make_logits_processors, make_sampler
 
 __all__ = [
+    "BatchGenerator",
+    "BatchStats",
+    "Response",
     "batch_generate",
     "cached_tokens",
     "can_trim_prompt_cache",
