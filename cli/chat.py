@@ -7,7 +7,8 @@ import sys
 from contextlib import closing
 from itertools import chain
 
-from .conversation import DEFAULT_TEMPLATE, Conversation, split_template
+from mlx_xglm.decoding.chat import DEFAULT_TEMPLATE, Conversation, split_template
+
 from .options import (
     add_model_args,
     add_sampling_args,

@@ -2,10 +2,13 @@
 
 from .batch import batch_generate
 from .cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+from .chat import Conversation, chat_prompt_ids
 from .generate import generate, generate_step, stream_generate
 from .sample_utils import make_logits_processors, make_sampler
 
 __all__ = [
+    "Conversation",
+    "chat_prompt_ids",
     "batch_generate",
     "generate",
     "generate_step",
