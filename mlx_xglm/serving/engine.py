@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import random
 import threading
 from dataclasses import dataclass, field
 
@@ -80,17 +81,19 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
-def _seeded(sampler, key: mx.array):
-    """`sampler` drawing from its own key, so a seeded request samples the same beside any other rows."""
+def _seeded(sampler, seed: int):
+    """`sampler` drawing from its own sequence of keys, so a seeded row samples the same beside any other
+    rows: each draw seeds MLX's generator from (`seed`, draw number), then reseeds it from the OS."""
+    draws = 0
 
     def sample(logprobs: mx.array) -> mx.array:
-        nonlocal key
-        saved = mx.random.state[0]
-        mx.random.state[0] = key
+        nonlocal draws
+        mx.random.seed((seed * 1_000_003 + draws) % 2**63)
+        draws += 1
         try:
             return sampler(logprobs)
         finally:
-            key, mx.random.state[0] = mx.random.state[0], saved
+            mx.random.seed(random.getrandbits(63))
 
     return sample
 
@@ -101,8 +104,7 @@ def _row_samplers(sampling: Sampling, n: int) -> list:
     )
     if sampling.seed is None or sampling.temperature == 0:
         return [sampler] * n
-    keys = mx.random.split(mx.random.key(sampling.seed), n)
-    return [_seeded(sampler, keys[i]) for i in range(n)]
+    return [_seeded(sampler, sampling.seed * 7919 + i) for i in range(n)]
 
 
 class Engine:

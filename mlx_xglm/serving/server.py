@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 
 import uvicorn
 
@@ -22,8 +23,12 @@ class _Server(uvicorn.Server):
         self.engine = engine
 
     def handle_exit(self, sig, frame) -> None:
+        # As uvicorn's, except that the signal is not raised again after shutdown: the exit status is 0.
         self.engine.stop_soon()
-        super().handle_exit(sig, frame)
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
 
 
 def serve(
