@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..decoding.generate import TextStream
 from ..tokenization.tokenizer import SPIECE_UNDERLINE
-from .engine import Token
+from .jobs import Token
 
 
 @dataclass

@@ -11,100 +11,18 @@ import asyncio
 import contextlib
 import logging
 import queue
-import random
 import threading
-from dataclasses import dataclass, field
-
-import mlx.core as mx
 
 from ..decoding.engine import BatchGenerator
-from ..decoding.sample_utils import make_logits_processors, make_sampler
+from ..decoding.sample_utils import make_logits_processors
 from .errors import APIError
+from .jobs import Failed, Job, Token, row_samplers
 from .scoring import prompt_logprobs, top_logprobs
 
 log = logging.getLogger("mlx_xglm.serving")
 
-
-@dataclass
-class Sampling:
-    """How one request's rows pick tokens; built into MLX samplers on the engine thread."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float | None = None
-    logit_bias: dict[int, float] | None = None
-    seed: int | None = None
-
-
-@dataclass
-class Token:
-    """One generated token of choice `choice`: its log-probability and the `top` alternatives when asked."""
-
-    choice: int
-    token: int | None  # None: the row was cancelled before it made another token
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None
-
-
-@dataclass
-class Failed:
-    """The engine could not run the job; the handler answers with `error` (a 500 unless it says otherwise)."""
-
-    error: APIError
-
-
-@dataclass
-class Job:
-    """`n` rows continuing one prompt, choices `index` to `index + n - 1` of their response.
-
-    Events (Token, Failed) arrive on `events`, read on `loop`; several jobs of one request may share them.
-    `logprobs` asks for each token's log-probability and that many likeliest alternatives.
-    """
-
-    prompt: list[int]
-    max_tokens: int
-    sampling: Sampling
-    n: int = 1
-    index: int = 0
-    logprobs: int | None = None
-    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    uids: list[int] = field(default_factory=list)
-    live: int = 0
-
-    def post(self, event) -> None:
-        # RuntimeError: the event loop has closed, nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-
-def _seeded(sampler, seed: int):
-    """`sampler` drawing from its own sequence of keys, so a seeded row samples the same beside any other
-    rows: each draw seeds MLX's generator from (`seed`, draw number), then reseeds it from the OS."""
-    draws = 0
-
-    def sample(logprobs: mx.array) -> mx.array:
-        nonlocal draws
-        mx.random.seed((seed * 1_000_003 + draws) % 2**63)
-        draws += 1
-        try:
-            return sampler(logprobs)
-        finally:
-            mx.random.seed(random.getrandbits(63))
-
-    return sample
-
-
-def _row_samplers(sampling: Sampling, n: int) -> list:
-    sampler = make_sampler(
-        temp=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p
-    )
-    if sampling.seed is None or sampling.temperature == 0:
-        return [sampler] * n
-    return [_seeded(sampler, sampling.seed * 7919 + i) for i in range(n)]
+# Seconds the engine thread waits for work when its rows gave no token in the last step.
+STALL_WAIT = 0.01
 
 
 class Engine:
@@ -207,8 +125,14 @@ class Engine:
 
     def _run(self) -> None:
         generator = self._new_generator()
+        stalled = False
         while True:
-            commands = [] if self._running else [self._inbox.get()]
+            commands = []
+            if not self._running:
+                commands.append(self._inbox.get())
+            elif stalled:  # rows are waiting but the last step gave no token: do not spin
+                with contextlib.suppress(queue.Empty):
+                    commands.append(self._inbox.get(timeout=STALL_WAIT))
             while not self._inbox.empty():
                 commands.append(self._inbox.get())
             for kind, payload in commands:
@@ -223,6 +147,7 @@ class Engine:
                 continue
             try:
                 responses = generator.next()
+                stalled = not responses
                 self._deliver(responses)
             except Exception:
                 log.exception("a decoding step failed; failing its requests and starting a fresh batch")
@@ -234,7 +159,7 @@ class Engine:
 
     def _on_insert(self, generator: BatchGenerator, job: Job) -> None:
         try:
-            samplers = _row_samplers(job.sampling, job.n)
+            samplers = row_samplers(job.sampling, job.n)
             processors = make_logits_processors(
                 logit_bias=job.sampling.logit_bias, repetition_penalty=job.sampling.repetition_penalty
             )

@@ -7,8 +7,9 @@ import json
 from collections.abc import AsyncIterator
 
 from .choices import Choice
-from .engine import Engine, Failed, Job, Sampling
+from .engine import Engine
 from .errors import APIError, error_body
+from .jobs import Failed, Job, Sampling
 from .protocol import _Sampling
 
 # How often a request that is not streamed checks whether its client is still there, in seconds.
