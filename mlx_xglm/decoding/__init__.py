@@ -1,15 +1,19 @@
-"""Decoding: KV caches, samplers and logits processors, and the generation loops."""
+"""Decoding: KV caches, samplers and logits processors, the batched engine, the generation loops and chat."""
 
 from .batch import batch_generate
 from .cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 from .chat import Conversation, chat_prompt_ids
+from .engine import BatchGenerator, BatchStats, Response
 from .generate import generate, generate_step, stream_generate
 from .sample_utils import make_logits_processors, make_sampler
 
 __all__ = [
+    "BatchGenerator",
+    "BatchStats",
     "Conversation",
-    "chat_prompt_ids",
+    "Response",
     "batch_generate",
+    "chat_prompt_ids",
     "generate",
     "generate_step",
     "load_prompt_cache",
