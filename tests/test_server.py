@@ -191,6 +191,22 @@ def test_concurrent_requests_equal_their_sequential_answers(server, client):
     assert asyncio.run(together()) == alone
 
 
+def test_a_seeded_request_samples_the_same_beside_other_requests(server, client):
+    seeded = {"model": "tiny", "prompt": PROMPTS[3], "max_tokens": 10, "temperature": 1.0, "seed": 3}
+    alone = client.completions.create(**seeded).choices[0].text
+
+    async def beside_others():
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused") as aclient:
+            others = [
+                aclient.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=1.0)
+                for p in PROMPTS[:3]
+            ]
+            results = await asyncio.gather(aclient.completions.create(**seeded), *others)
+            return results[0].choices[0].text
+
+    assert asyncio.run(beside_others()) == alone
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
     body = {"prompt": PROMPTS[0], "max_tokens": 50000, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
