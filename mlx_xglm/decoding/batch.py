@@ -41,7 +41,8 @@ def batch_generate(
     over real tokens, at most `completion_batch_size` at a time). `sampler`, `logits_processors`, `stop`,
     `newlines` and `max_kv_size` act per row as in `stream_generate`. `prompt_cache` continues every row
     from one cache (e.g. a shared prefix) or, given as a list of caches, each row from its own; the caches
-    are read, not changed, and a rotating one's window is the default `max_kv_size`. `verbose` prints the stats footer.
+    are read, not changed, and a rotating one's window is the default `max_kv_size`. `verbose` prints the
+    stats footer.
     """
     if prompt_cache is not None and prompt_cache and isinstance(prompt_cache[0], list):
         caches = list(prompt_cache)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..model.masks import Positions, causal, left_padding_mask, left_padding_positions
+from .cache import KVCache
 
 
-class BatchKVCache:
+class BatchKVCache(KVCache):
     """Keys and values of one layer for B rows, [B, heads, S, head_dim], each row's keys at the right.
 
     Row b holds real keys in columns `left_padding[b]`..`offset - 1` (pads before them); the key in column
@@ -18,12 +19,11 @@ class BatchKVCache:
     `make_mask`, `make_positions`, `state`.
     """
 
-    step = 256
-
     def __init__(self, left_padding: list[int], shifts: list[int] | None = None, max_size: int | None = None):
-        self.keys = None
-        self.values = None
-        self.offset = 0
+        super().__init__()
+        if max_size is not None:
+            # Grown in smaller steps, so the columns past the window are few.
+            self.step = min(self.step, max_size)
         self.left_padding = list(left_padding)
         # A fresh left-padded row: its first real column holds position 0.
         self.shifts = [-p for p in left_padding] if shifts is None else list(shifts)
@@ -60,24 +60,8 @@ class BatchKVCache:
             self.shifts = [s + n for s in self.shifts]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        length = keys.shape[2]
-        self._drop(self._dropped(length))
-        prev = self.offset
-        if self.keys is None or prev + length > self.keys.shape[2]:
-            B, H, _, D = keys.shape
-            step = self.step if self.max_size is None else min(self.step, self.max_size)
-            grow = ((length + step - 1) // step) * step
-            new_k = mx.zeros((B, H, grow, D), keys.dtype)
-            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
-        self.offset = prev + length
-        self.keys[..., prev : self.offset, :] = keys
-        self.values[..., prev : self.offset, :] = values
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        self._drop(self._dropped(keys.shape[2]))
+        return super().update_and_fetch(keys, values)
 
     def _layout(self, length: int) -> tuple[int, list[int], list[int]]:
         """Offset, left padding and shifts as they will be when `length` new columns are written."""
@@ -99,12 +83,6 @@ class BatchKVCache:
             return Positions.range(offset + shifts[0], length)
         end = offset + length + max(shifts)
         return left_padding_positions(mx.array(padding), mx.array(shifts), offset, length, end)
-
-    @property
-    def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
-        if self.keys is None:
-            return ()
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
     def filter(self, rows: list[int]) -> None:
         """Keep only `rows` (indices, in the new order); drops the columns no kept row needs."""

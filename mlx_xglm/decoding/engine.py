@@ -134,8 +134,8 @@ class BatchGenerator:
         max_tokens = _per_row(max_tokens, n, "max_tokens")
         samplers = _per_row(samplers, n, "samplers")
         caches = [None] * n if caches is None else _per_row(list(caches), n, "caches")
-        if logits_processors is None or (logits_processors and callable(logits_processors[0])):
-            processors = [logits_processors] * n
+        if not logits_processors or callable(logits_processors[0]):
+            processors = [logits_processors or None] * n
         else:
             processors = _per_row(list(logits_processors), n, "logits_processors")
         uids = []
