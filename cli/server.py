@@ -6,7 +6,7 @@ import argparse
 import os
 
 from mlx_xglm import XGLMError
-from mlx_xglm.decoding.chat import DEFAULT_TEMPLATE
+from mlx_xglm.decoding.chat import DEFAULT_TEMPLATE, split_template
 
 from .options import add_model_args, help_formatter, load_model, unescape
 from .render import Renderer
@@ -112,9 +112,10 @@ def run(args: argparse.Namespace) -> int:
             f"mlx-xglm server needs the [server] extra ({e.name} is missing): pip install 'mlx-xglm[server]'"
         ) from None
     template = unescape(args.chat_template)
-    model, tokenizer, _ = load_model(args.model, args.revision, Renderer().spinner)
     engine_args = {"max_batch": args.max_batch, "max_queue": args.max_queue, "max_kv_size": args.max_kv_size}
     try:
+        split_template(template)  # before the model loads
+        model, tokenizer, _ = load_model(args.model, args.revision, Renderer().spinner)
         serve(
             model,
             tokenizer,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -167,3 +169,14 @@ def test_a_signal_ends_running_requests_and_exits_0(tiny_checkpoint, sig):
     assert process.process.wait(10) == 0
     assert time.monotonic() - start < 10
     assert '"finish_reason": "abort"' in "".join(rest) and rest[-1] == "data: [DONE]"
+
+
+def test_a_bad_chat_template_is_one_line_naming_the_flag(tiny_checkpoint):
+    command = [sys.executable, "-m", "mlx_xglm.cli", "server", "--model", str(tiny_checkpoint)]
+    result = subprocess.run(
+        [*command, "--chat-template", "Q: A:"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: --chat-template: template must contain {message} exactly once, got 'Q: A:'"
+    ]
