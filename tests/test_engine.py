@@ -228,3 +228,12 @@ def test_bad_arguments_are_errors_naming_the_parameter(lively, kwargs, insert, p
     with pytest.raises(XGLMError, match=param) as error:
         BatchGenerator(model, **kwargs).insert(**(insert or {"prompts": [[2]]}))
     assert error.value.param == param
+
+
+def test_a_prompt_cache_must_have_the_generators_window(lively):
+    model, _ = lively
+    gen = BatchGenerator(model, max_kv_size=16)
+    with pytest.raises(XGLMError, match="max_kv_size") as error:
+        gen.insert([[2, 5]], caches=[make_prompt_cache(model, max_kv_size=8)])
+    assert error.value.param == "caches"
+    assert gen.insert([[2, 5]], caches=[make_prompt_cache(model, max_kv_size=16)]) == [0]

@@ -125,8 +125,9 @@ class BatchGenerator:
     ) -> list[int]:
         """Queue `prompts` (lists of token ids); returns their uids, in order.
 
-        Per prompt (a list) or for all (one value): `max_tokens`, a prompt cache to continue from (`caches`,
-        e.g. from `make_prompt_cache`; read, not changed), a sampler and a list of logits processors.
+        Per prompt (a list) or for all (one value): `max_tokens`, a sampler, a list of logits processors.
+        `caches` holds one prompt cache (or None) per prompt to continue from; it is read, not changed,
+        must have the generator's `max_kv_size`, and its row is prefilled on its own.
         """
         n = len(prompts)
         if any(not isinstance(p, list | tuple) or not p for p in prompts):
