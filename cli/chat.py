@@ -8,8 +8,8 @@ from contextlib import closing
 from itertools import chain
 
 from mlx_xglm import XGLMError
+from mlx_xglm.decoding.chat import DEFAULT_TEMPLATE, Conversation, split_template
 
-from .conversation import DEFAULT_TEMPLATE, Conversation, split_template
 from .options import (
     add_model_args,
     add_sampling_args,

@@ -28,6 +28,7 @@ COMMANDS: list[str] = [
     "convert",
     "bench",
     "tiny",
+    "server",
 ]
 
 EXAMPLES = """\
@@ -37,6 +38,7 @@ examples:
   mlx-xglm convert --hf-path facebook/xglm-564M -q --mlx-path xglm-564M-4bit
   mlx-xglm bench --preset 564M
   mlx-xglm tiny --mlx-path tiny-xglm    # a small random-weight checkpoint for trying things offline
+  mlx-xglm server --model ./xglm-564M --port 8080
   mlx-xglm COMMAND --help
 
 Set MLX_XGLM_DEBUG=1 to see the full traceback of an error.

@@ -11,9 +11,9 @@ import sys
 
 import pexpect
 import pytest
-from mlx_xglm.cli.conversation import Conversation
 
 from mlx_xglm import XGLMError, load, make_prompt_cache, stream_generate
+from mlx_xglm.decoding.chat import Conversation, chat_prompt_ids
 
 CLI = [sys.executable, "-m", "mlx_xglm.cli"]
 STATS = re.compile(rb"\[prompt: (\d+) tokens")
@@ -100,7 +100,7 @@ def test_reply_ends_at_the_user_marker(tiny):
 
 def test_template_needs_one_message_placeholder(tiny):
     _, model, tokenizer = tiny
-    with pytest.raises(XGLMError, match=r"--template must contain \{message\}"):
+    with pytest.raises(XGLMError, match=r"template must contain \{message\}"):
         Conversation(model, tokenizer, template="Q: A:")
 
 
@@ -196,3 +196,31 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny, tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 130
+
+
+def test_chat_prompt_ids_write_the_conversation_transcript(tiny):
+    _, model, tokenizer = tiny
+    eos = tokenizer.eos_token_id
+    conversation = Conversation(model, tokenizer)
+    conversation.user_marker = ""  # only the end of the line ends the reply
+    replies = list(conversation.reply("Bonjour", max_tokens=8))
+    generated = [r.token for r in replies]
+    assert conversation.transcript_ids == [eos, *turn_ids(tokenizer, "Bonjour"), *generated, eos]
+    # Given back as text, the answer is written as its text encodes.
+    answer = "".join(r.text for r in replies)
+    messages = [("user", "Bonjour"), ("assistant", answer), ("user", "Et puis")]
+    assert chat_prompt_ids(tokenizer, messages) == [
+        eos,
+        *turn_ids(tokenizer, "Bonjour"),
+        *tokenizer.encode(answer, add_special_tokens=False),
+        eos,
+        *turn_ids(tokenizer, "Et puis"),
+    ]
+
+
+def test_chat_prompt_ids_write_a_system_message_as_its_own_line(tiny):
+    _, _, tokenizer = tiny
+    eos = tokenizer.eos_token_id
+    ids = chat_prompt_ids(tokenizer, [("system", "Be brief"), ("user", "Bonjour")], "Q: {message}\nA:")
+    system = tokenizer.encode("Be brief", add_special_tokens=False)
+    assert ids == [eos, *system, eos, *turn_ids(tokenizer, "Bonjour", "Q: {message}\nA:")]

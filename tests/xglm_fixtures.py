@@ -151,3 +151,54 @@ def fill_hub_cache(hf_home, repo_id, folder):
     shutil.copytree(folder, repo_dir / "snapshots" / commit)
     (repo_dir / "refs").mkdir(parents=True)
     (repo_dir / "refs" / "main").write_text(commit)
+
+
+def free_port() -> int:
+    """A localhost TCP port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`mlx-xglm server` in a child process on a free localhost port, ready once /health answers."""
+
+    def __init__(self, model: Path, *flags: str, startup_timeout: float = 60.0):
+        import subprocess
+        import sys
+        import tempfile
+        import time
+
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (open while the server lives)
+        command = [sys.executable, "-m", "mlx_xglm.cli", "server", "--model", str(model), "--port"]
+        self.process = subprocess.Popen([*command, str(self.port), *flags], stderr=self.log, stdout=self.log)
+        deadline = time.monotonic() + startup_timeout
+        headers = (
+            {"Authorization": f"Bearer {flags[flags.index('--api-key') + 1]}"} if "--api-key" in flags else {}
+        )
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited at startup:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/health", headers=headers, timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the server did not start in {startup_timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, then wait; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.process.wait(timeout)

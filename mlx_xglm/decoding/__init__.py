@@ -1,4 +1,4 @@
-"""Decoding: KV caches, samplers and logits processors, the batched engine and the generation loops."""
+"""Decoding: KV caches, samplers and logits processors, the batched engine, the generation loops and chat."""
 
 from .batch import batch_generate
 from .cache import (
@@ -11,6 +11,7 @@ from .cache import (
     trim_prompt_cache,
 )
 from .cache_files import model_fingerprint
+from .chat import Conversation, chat_prompt_ids
 from .engine import BatchGenerator, BatchStats, Response
 from .generate import generate, generate_step, stream_generate
 from .sample_utils import make_logits_processors, make_sampler
@@ -18,10 +19,12 @@ from .sample_utils import make_logits_processors, make_sampler
 __all__ = [
     "BatchGenerator",
     "BatchStats",
+    "Conversation",
     "Response",
     "batch_generate",
     "cached_tokens",
     "can_trim_prompt_cache",
+    "chat_prompt_ids",
     "generate",
     "generate_step",
     "load_prompt_cache",

@@ -7,12 +7,25 @@ and each step is queued (`mx.async_eval`) before the tokens of the previous one 
 
 from __future__ import annotations
 
+import threading
+
 import mlx.core as mx
 
 from .sample_utils import LogitsProcessor, Sampler
 
-# Generation runs on its own stream so queued work of the caller does not interleave with it.
-generation_stream = mx.new_stream(mx.default_device())
+_thread = threading.local()
+
+
+def generation_stream() -> mx.Stream:
+    """The calling thread's generation stream, made on first use: MLX streams belong to the thread that
+    made them, and the server decodes on a thread of its own. Generation runs on its own stream so queued
+    work of the caller does not interleave with it."""
+    stream = getattr(_thread, "stream", None)
+    if stream is None:
+        stream = _thread.stream = mx.new_stream(mx.default_device())
+    return stream
+
+
 # Freed buffers go back to the system every this many steps.
 CLEAR_CACHE_EVERY = 256
 
@@ -69,7 +82,7 @@ class Rows:
 
     def prefill(self, model, inputs: mx.array, step_size: int, sample_next: bool = True) -> None:
         """Read `inputs` [B, W] (prompts, left-padded) into the cache in chunks; sample each first token."""
-        with mx.stream(generation_stream):
+        with mx.stream(generation_stream()):
             while inputs.shape[1] > step_size:
                 model(inputs[:, :step_size], cache=self.cache)
                 mx.eval([c.state for c in self.cache])
@@ -85,7 +98,7 @@ class Rows:
     def step(self, model) -> None:
         """Queue the next step from the tokens `y` of the last one."""
         y = self.y
-        with mx.stream(generation_stream):
+        with mx.stream(generation_stream()):
             for b, row_processors in enumerate(self.processors):
                 if row_processors:
                     self.histories[b] = mx.concatenate([self.histories[b], y[b : b + 1]])

@@ -1,0 +1,238 @@
+"""The bridge between asyncio request handlers and the model: one engine thread owns both.
+
+The thread holds the model and a `BatchGenerator` (continuous batching: a request's rows join the running
+batch at the next step). Handlers hand work over through a thread-safe queue, and get their tokens back
+through their own asyncio queue. Nothing but the engine thread touches MLX.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+
+from ..decoding.engine import BatchGenerator
+from ..decoding.sample_utils import make_logits_processors
+from ..errors import XGLMError
+from .errors import APIError
+from .jobs import Failed, Job, Token, row_samplers
+from .scoring import prompt_logprobs, top_logprobs
+
+log = logging.getLogger("mlx_xglm.serving")
+
+# Seconds the engine thread waits for work when its rows gave no token in the last step.
+STALL_WAIT = 0.01
+
+
+class Engine:
+    """Runs `model` for many requests at once on its own thread.
+
+    `max_batch` rows decode together; up to `max_queue` more wait for a place, and a request that would
+    go past that gets a 503. `prefill_step_size` and `max_kv_size` go to the BatchGenerator. Call `start()`
+    once an event loop runs, `shutdown()` to cancel every row and end the thread.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        prefill_step_size: int = 512,
+        max_kv_size: int | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.capacity = max_batch + max_queue
+        self._generator_args = {
+            "completion_batch_size": max_batch,
+            "prefill_batch_size": min(max_batch, 8),
+            "prefill_step_size": prefill_step_size,
+        }
+        if max_kv_size is not None:
+            self._generator_args["max_kv_size"] = max_kv_size
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._rows = 0  # rows admitted and not yet finished, counted on the handlers' side
+        self._running: dict[int, tuple[Job, int]] = {}  # uid -> (job, choice), engine thread only
+        self._thread = threading.Thread(target=self._run, name="mlx-xglm-engine", daemon=True)
+        self._stopping = threading.Event()
+
+    # Handlers' side (the event loop's thread).
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _admit(self, rows: int) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                raise APIError(503, "the server is shutting down", code="shutting_down")
+            if self._rows + rows > self.capacity:
+                raise APIError(
+                    503,
+                    f"the server is busy ({self._rows} rows running or queued); retry shortly",
+                    code="queue_full",
+                )
+            self._rows += rows
+
+    def _release(self, rows: int) -> None:
+        with self._lock:
+            self._rows -= rows
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`'s rows; an APIError 503 when the queue is full or the server is stopping."""
+        self._admit(job.n)
+        job.live = job.n
+        self._inbox.put(("insert", job))
+
+    def cancel(self, job: Job, choice: int | None = None) -> None:
+        """Remove the row of `choice`, or every row of `job` still running (its client went away)."""
+        self._inbox.put(("remove", (job, choice)))
+
+    async def score(self, ids: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+        """Log-probability of each prompt token after the first, with the `top` likeliest alternatives."""
+        self._admit(1)
+        future = asyncio.get_running_loop().create_future()
+        self._inbox.put(("score", (ids, top, future)))
+        try:
+            return await future
+        finally:
+            self._release(1)
+
+    def stats(self) -> dict:
+        with self._lock:
+            rows = self._rows
+        return {"rows": rows, "running": len(self._running), "max_batch": self.max_batch}
+
+    def stop_soon(self) -> None:
+        """Stop taking requests and cancel the running rows (finish reason "abort"); returns at once."""
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
+        self._inbox.put(("stop", None))
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """`stop_soon`, then wait up to `timeout` seconds for the engine thread to end."""
+        self.stop_soon()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # The engine thread.
+
+    def _run(self) -> None:
+        generator = self._new_generator()
+        stalled = False
+        while True:
+            commands = []
+            if not self._running:
+                commands.append(self._inbox.get())
+            elif stalled:  # rows are waiting but the last step gave no token: do not spin
+                with contextlib.suppress(queue.Empty):
+                    commands.append(self._inbox.get(timeout=STALL_WAIT))
+            while not self._inbox.empty():
+                commands.append(self._inbox.get())
+            for kind, payload in commands:
+                if kind == "stop":
+                    self._finish_all(generator, "abort")
+                    return
+                try:
+                    getattr(self, f"_on_{kind}")(generator, payload)
+                except Exception:  # one bad command must not take the engine down
+                    log.exception("engine command %s failed", kind)
+            if not self._running:
+                continue
+            try:
+                responses = generator.next()
+                stalled = not responses
+                self._deliver(responses)
+            except Exception:
+                log.exception("a decoding step failed; failing its requests and starting a fresh batch")
+                self._fail_all(APIError(500, "decoding failed on the server; see its log"))
+                generator = self._new_generator()
+
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(self.model, stop_tokens={self.tokenizer.eos_token_id}, **self._generator_args)
+
+    def _on_insert(self, generator: BatchGenerator, job: Job) -> None:
+        try:
+            samplers = row_samplers(job.sampling, job.n)
+            processors = make_logits_processors(
+                logit_bias=job.sampling.logit_bias, repetition_penalty=job.sampling.repetition_penalty
+            )
+            uids = generator.insert(
+                [job.prompt] * job.n,
+                max_tokens=[job.max_tokens] * job.n,
+                samplers=samplers,
+                logits_processors=[processors] * job.n,
+            )
+        except Exception as e:
+            log.exception("could not start a request")
+            self._release(job.n)
+            job.post(Failed(APIError(400 if isinstance(e, ValueError | XGLMError) else 500, str(e))))
+            return
+        job.uids = list(uids)
+        for row, uid in enumerate(uids):
+            self._running[uid] = (job, job.index + row)
+
+    def _on_remove(self, generator: BatchGenerator, payload: tuple[Job, int | None]) -> None:
+        job, choice = payload
+        uids = job.uids if choice is None else job.uids[choice - job.index : choice - job.index + 1]
+        gone = [uid for uid in uids if uid in self._running]
+        if gone:
+            generator.remove(gone)
+            for uid in gone:
+                del self._running[uid]
+            self._release(len(gone))
+
+    def _on_score(self, generator: BatchGenerator, payload) -> None:
+        ids, top, future = payload
+        loop = future.get_loop()
+        try:
+            result = prompt_logprobs(self.model, ids, top)
+        except Exception as e:
+            log.exception("scoring a prompt failed")
+            loop.call_soon_threadsafe(_settle, future, None, e)
+            return
+        loop.call_soon_threadsafe(_settle, future, result, None)
+
+    def _deliver(self, responses: list) -> None:
+        wanted = [(r, self._running[r.uid]) for r in responses if r.uid in self._running]
+        asked = [(r, job) for r, (job, _) in wanted if job.logprobs is not None]
+        scored = top_logprobs(
+            [r.logprobs for r, _ in asked], [r.token for r, _ in asked], [j.logprobs for _, j in asked]
+        )
+        by_uid = {r.uid: s for (r, _), s in zip(asked, scored, strict=True)}
+        for r, (job, choice) in wanted:
+            logprob, top = by_uid.get(r.uid, (None, None))
+            job.post(Token(choice, r.token, logprob, top, r.finish_reason))
+            if r.finish_reason is not None:
+                del self._running[r.uid]
+                self._release(1)
+
+    def _finish_all(self, generator: BatchGenerator, reason: str) -> None:
+        if self._running:
+            generator.remove(list(self._running))
+        for job, choice in self._running.values():
+            job.post(Token(choice, None, finish_reason=reason))
+        self._release(len(self._running))
+        self._running.clear()
+
+    def _fail_all(self, error: APIError) -> None:
+        for job in {id(job): job for job, _ in self._running.values()}.values():
+            job.post(Failed(error))
+        self._release(len(self._running))
+        self._running.clear()
+
+
+def _settle(future: asyncio.Future, result, error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(APIError(500, "scoring the prompt failed on the server; see its log"))
+    else:
+        future.set_result(result)

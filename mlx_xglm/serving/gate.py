@@ -1,0 +1,101 @@
+"""What every request passes before an endpoint sees it: the body limit, the API key, and the log line."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+
+from .errors import error_body
+
+log = logging.getLogger("mlx_xglm.serving")
+
+
+async def _send_error(send, status: int, message: str, code: str | None = None) -> None:
+    body = json.dumps(error_body(status, message, code=code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Gate:
+    """ASGI middleware: 413 for a body over `max_body_bytes`, 401 without `Authorization: Bearer
+    <api_key>` (compared in constant time) when a key is set, and one log line per request: method, path,
+    status, prompt and generated tokens, tokens per second and time taken."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        if self.api_key is None:
+            return True
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+
+    async def _read_body(self, receive) -> tuple[bytes | None, list[dict]]:
+        """The whole body (None when over the limit) and the messages it came in, to replay them."""
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return b"", messages
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return None, messages
+            if not message.get("more_body", False):
+                return b"", messages
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        state = scope.setdefault("state", {})
+        if not self._authorized(headers):
+            return await _send_error(send, 401, "a valid API key is needed: Authorization: Bearer KEY")
+        too_big = f"the request body is over this server's limit of {self.max_body_bytes} bytes"
+        if int(headers.get(b"content-length", b"0") or 0) > self.max_body_bytes:
+            return await _send_error(send, 413, too_big, "body_too_large")
+        body, messages = await self._read_body(receive)
+        if body is None:
+            return await _send_error(send, 413, too_big, "body_too_large")
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        start = time.perf_counter()
+        status = [499]  # nginx's "client closed the request", if no status ever goes out
+        logged = [False]
+
+        def log_line() -> None:
+            logged[0] = True
+            elapsed = time.perf_counter() - start
+            prompt, generated = state.get("prompt_tokens", 0), state.get("generated_tokens", 0)
+            log.info(
+                "%s %s %d prompt=%d generated=%d %.1f tokens/s %.2fs",
+                scope["method"],
+                scope["path"],
+                status[0],
+                prompt,
+                generated,
+                generated / elapsed if elapsed > 0 else 0.0,
+                elapsed,
+            )
+
+        async def send_and_log(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                log_line()
+
+        try:
+            await self.app(scope, replay, send_and_log)
+        finally:
+            if not logged[0]:
+                log_line()

@@ -1,0 +1,51 @@
+"""Reading prompts from requests: text or token ids, chat messages, and the limits they must keep."""
+
+from __future__ import annotations
+
+from ..decoding.chat import chat_prompt_ids
+from ..tokenization import prompt_ids
+from .errors import APIError
+from .protocol import ChatMessage
+
+
+def check_ids(ids: list[int], vocab_size: int, max_prompt_tokens: int, param: str = "prompt") -> list[int]:
+    """`ids` if they are a usable prompt: not empty, inside the vocabulary (400), not too long (413)."""
+    if not ids:
+        raise APIError(400, f"{param} is empty; give at least one token or some text", param)
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise APIError(
+            400, f"{param} holds token id {bad}, outside the vocabulary (0 to {vocab_size - 1})", param
+        )
+    if len(ids) > max_prompt_tokens:
+        raise APIError(
+            413,
+            f"{param} is {len(ids)} tokens long; this server takes at most {max_prompt_tokens}",
+            param,
+            "prompt_too_long",
+        )
+    return ids
+
+
+def completion_prompts(prompt, tokenizer, vocab_size: int, max_prompt_tokens: int) -> list[list[int]]:
+    """The id lists of a completions `prompt`: a string, strings, a list of ids, or lists of ids.
+
+    Text gets the leading `</s>` every XGLM document starts with; a token-id prompt is used as given.
+    """
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif not prompt:
+        raise APIError(400, "prompt is an empty list; give text, token ids, or lists of either", "prompt")
+    elif isinstance(prompt[0], int):
+        prompts = [prompt]
+    else:
+        prompts = prompt
+    return [check_ids(prompt_ids(tokenizer, p), vocab_size, max_prompt_tokens) for p in prompts]
+
+
+def chat_prompt(
+    messages: list[ChatMessage], tokenizer, template: str, vocab_size: int, max_prompt_tokens: int
+) -> list[int]:
+    """The transcript ids of chat `messages`, written as `mlx-xglm chat` writes its turns."""
+    ids = chat_prompt_ids(tokenizer, [(m.role, m.text) for m in messages], template)
+    return check_ids(ids, vocab_size, max_prompt_tokens, "messages")

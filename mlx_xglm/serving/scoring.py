@@ -1,0 +1,70 @@
+"""Log-probabilities for the API: of the prompt's own tokens (`echo`), and the likeliest alternatives."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+# Positions whose vocabulary-wide log-probabilities are held at once while scoring a prompt.
+SCORE_CHUNK = 256
+
+
+def _top(rows: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """The `k` largest entries of each row of `rows` [N, vocab], largest first: (ids, values)."""
+    ids = mx.argpartition(-rows, kth=k - 1, axis=-1)[:, :k]
+    values = mx.take_along_axis(rows, ids, axis=-1)
+    order = mx.argsort(-values, axis=-1)
+    return mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
+
+
+def prompt_logprobs(model, ids: list[int], top: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For each token of `ids` after the first: its log-probability given the tokens before it, and the
+    `top` likeliest tokens at that place as `(id, logprob)`, likeliest first.
+
+    One forward pass over the whole prompt; the vocabulary-wide log-softmax is taken `SCORE_CHUNK`
+    positions at a time so a long prompt never holds [length, vocab] values at once.
+    """
+    if len(ids) < 2:
+        return []
+    tokens = mx.array(ids)
+    hidden = model.model(tokens[None, :-1])[0]
+    result = []
+    for start in range(0, len(ids) - 1, SCORE_CHUNK):
+        logits = model.head(hidden[start : start + SCORE_CHUNK]).astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        targets = tokens[start + 1 : start + 1 + logprobs.shape[0]]
+        chosen = mx.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+        if top:
+            top_ids, top_values = _top(logprobs, top)
+            mx.eval(chosen, top_ids, top_values)
+            pairs = [
+                list(zip(i, v, strict=True))
+                for i, v in zip(top_ids.tolist(), top_values.tolist(), strict=True)
+            ]
+        else:
+            mx.eval(chosen)
+            pairs = [[] for _ in range(chosen.size)]
+        result.extend(zip(chosen.tolist(), pairs, strict=True))
+    return result
+
+
+def top_logprobs(
+    rows: list[mx.array], tokens: list[int], ks: list[int]
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For generated tokens: each `token`'s log-probability in its row (a log-softmax over the vocabulary)
+    and the row's `k` likeliest `(id, logprob)`, likeliest first."""
+    if not rows:
+        return []
+    stacked = mx.stack([row.reshape(-1) for row in rows]).astype(mx.float32)
+    chosen = mx.take_along_axis(stacked, mx.array(tokens)[:, None], axis=-1)[:, 0]
+    k = max(ks)
+    if k:
+        top_ids, top_values = _top(stacked, k)
+        mx.eval(chosen, top_ids, top_values)
+        tops = [
+            list(zip(i[:n], v[:n], strict=True))
+            for i, v, n in zip(top_ids.tolist(), top_values.tolist(), ks, strict=True)
+        ]
+    else:
+        mx.eval(chosen)
+        tops = [[] for _ in rows]
+    return list(zip(chosen.tolist(), tops, strict=True))

@@ -1,0 +1,63 @@
+"""Running the app on uvicorn, with a prompt stop on SIGINT and SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import uvicorn
+
+from .app import create_app
+from .engine import Engine
+
+# Seconds uvicorn waits for open responses after a signal; the engine has ended their rows by then.
+GRACEFUL_SECONDS = 5
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server that also stops the engine the moment a signal arrives: running rows end with
+    finish reason "abort", so their responses close and the process exits within seconds."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine):
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig, frame) -> None:
+        # As uvicorn's, except that the signal is not raised again after shutdown: the exit status is 0.
+        self.engine.stop_soon()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+
+def serve(
+    model,
+    tokenizer,
+    model_id: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    log_level: str = "info",
+    engine_args: dict | None = None,
+    **app_args,
+) -> None:
+    """Serve `model` on `host:port` until SIGINT or SIGTERM.
+
+    `engine_args` go to `Engine` (`max_batch`, `max_queue`, `max_kv_size`, `prefill_step_size`),
+    `app_args` to `create_app` (`api_key`, `max_prompt_tokens`, `max_body_bytes`, `chat_template`).
+    `log_level` sets both uvicorn's and the per-request log lines' level.
+    """
+    engine = Engine(model, tokenizer, **(engine_args or {}))
+    app = create_app(engine, model_id, **app_args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=log_level.upper())
+    logging.getLogger("mlx_xglm.serving").setLevel(log_level.upper())
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+    )
+    _Server(config, engine).run()
