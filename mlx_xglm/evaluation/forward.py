@@ -1,0 +1,134 @@
+"""Batched, padding-aware forward passes that return the log-probability of each scored token.
+
+Two shapes of work: whole sequences (`score`, perplexity windows), left-padded into one batch; and
+contexts shared by several continuations, where each context is read once and its KV cache is copied to
+its continuations, so four answers after a long prompt cost little more than the prompt.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from ..decoding.cache import KVCache
+
+# Positions per LM-head matmul: bounds the [positions, vocab_size] logits held at once (256 x 256008 floats).
+HEAD_CHUNK = 256
+
+
+def _padded_forward(model, inputs: mx.array, key_real: mx.array, positions: mx.array, cache=None) -> mx.array:
+    """Final hidden states [B, L, d_model] of `inputs` [B, L] after the keys already in `cache`.
+
+    `key_real` [B, S] marks the real keys (cached then new, S = cached + L); pad keys are hidden and every
+    query sees itself, so pad rows stay finite. `positions` [B, L] are counted over real tokens only.
+    This is the one place where scoring builds masks and positions for the model.
+    """
+    S, L = key_real.shape[1], inputs.shape[1]
+    key_pos = mx.arange(S)[None]
+    query_pos = mx.arange(S - L, S)[:, None]
+    allowed = ((key_pos <= query_pos) & key_real[:, None, :]) | (key_pos == query_pos)
+    dtype = model.model.layer_norm.weight.dtype
+    mask = mx.where(allowed[:, None], 0.0, -float("inf")).astype(dtype)
+    return model.model(inputs, cache=cache, mask=mask, position_ids=positions)
+
+
+def _target_logprobs(model, hidden: mx.array, targets: mx.array) -> tuple[np.ndarray, np.ndarray]:
+    """log p(target) for each row of `hidden` [P, d], and whether the target is the argmax."""
+    logprobs, greedy = [], []
+    for start in range(0, hidden.shape[0], HEAD_CHUNK):
+        logits = model.head(hidden[start : start + HEAD_CHUNK]).astype(mx.float32)
+        t = targets[start : start + HEAD_CHUNK]
+        picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        lp = picked - mx.logsumexp(logits, axis=-1)
+        best = mx.argmax(logits, axis=-1) == t
+        mx.eval(lp, best)
+        logprobs.append(np.array(lp))
+        greedy.append(np.array(best))
+    if not logprobs:
+        return np.zeros(0, np.float32), np.zeros(0, bool)
+    return np.concatenate(logprobs), np.concatenate(greedy)
+
+
+def sequence_logprobs(model, rows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each id list in one batch: log p(row[i] | row[:i]) for i >= 1, and whether row[i] was the argmax.
+
+    The rows are left-padded into one forward pass; positions count real tokens only, so each row's
+    numbers equal its unpadded self.
+    """
+    width = max(len(r) for r in rows)
+    pad = model.config.pad_token_id
+    inputs = mx.array([[pad] * (width - len(r)) + list(r) for r in rows])
+    key_real = mx.array([[False] * (width - len(r)) + [True] * len(r) for r in rows])
+    positions = mx.cumsum(key_real.astype(mx.int32), axis=1) - 1
+    hidden = _padded_forward(model, inputs, key_real, positions)
+    # Row b's real tokens sit in the last len(row) columns; column c predicts the token in column c + 1.
+    flat, targets = [], []
+    for b, row in enumerate(rows):
+        first = b * width + width - len(row)
+        flat.extend(range(first, first + len(row) - 1))
+        targets.extend(row[1:])
+    lp, greedy = _target_logprobs(
+        model, hidden.reshape(-1, hidden.shape[-1])[mx.array(flat, mx.int32)], mx.array(targets, mx.int32)
+    )
+    out, at = [], 0
+    for row in rows:
+        n = len(row) - 1
+        out.append((lp[at : at + n], greedy[at : at + n]))
+        at += n
+    return out
+
+
+def continuation_logprobs(
+    model, contexts: list[list[int]], continuations: list[tuple[int, list[int]]]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Log-probabilities of continuations after shared contexts, each context read once.
+
+    `contexts` are id lists (read together, left-padded); `continuations` are `(context index, ids)`.
+    The contexts' KV cache is copied to the continuations that share it, which are then read together,
+    right-padded. Returns, per continuation, log p(token | context, earlier tokens) and greedy flags.
+    """
+    width = max(len(c) for c in contexts)
+    pad = model.config.pad_token_id
+    inputs = mx.array([[pad] * (width - len(c)) + list(c) for c in contexts])
+    key_real = mx.array([[False] * (width - len(c)) + [True] * len(c) for c in contexts])
+    positions = mx.cumsum(key_real.astype(mx.int32), axis=1) - 1
+    cache = model.make_cache()
+    hidden = _padded_forward(model, inputs, key_real, positions, cache)
+    # The last context position predicts every continuation's first token.
+    which = mx.array([g for g, _ in continuations])
+    first = _target_logprobs(model, hidden[:, -1][which], mx.array([c[0] for _, c in continuations]))
+
+    rest_len = max(len(c) - 1 for _, c in continuations)
+    rest = (np.zeros(0, np.float32), np.zeros(0, bool))
+    flat, targets = [], []
+    if rest_len:
+        copies = []
+        for layer in cache:
+            keys, values = layer.state
+            copy = KVCache()
+            copy.state = (mx.take(keys, which, axis=0), mx.take(values, which, axis=0))
+            copies.append(copy)
+        rows = [c[:-1] + [pad] * (rest_len - len(c) + 1) for _, c in continuations]
+        real = mx.array([[True] * (len(c) - 1) + [False] * (rest_len - len(c) + 1) for _, c in continuations])
+        lengths = mx.array([len(contexts[g]) for g, _ in continuations])
+        cont_hidden = _padded_forward(
+            model,
+            mx.array(rows),
+            mx.concatenate([key_real[which], real], axis=1),
+            lengths[:, None] + mx.arange(rest_len)[None],
+            copies,
+        )
+        for i, (_, c) in enumerate(continuations):
+            flat.extend(range(i * rest_len, i * rest_len + len(c) - 1))
+            targets.extend(c[1:])
+        if flat:
+            h = cont_hidden.reshape(-1, cont_hidden.shape[-1])[mx.array(flat, mx.int32)]
+            rest = _target_logprobs(model, h, mx.array(targets, mx.int32))
+    out, at = [], 0
+    for i, (_, c) in enumerate(continuations):
+        n = len(c) - 1
+        lp = np.concatenate([first[0][i : i + 1], rest[0][at : at + n]])
+        greedy = np.concatenate([first[1][i : i + 1], rest[1][at : at + n]])
+        out.append((lp, greedy))
+        at += n
+    return out
