@@ -10,8 +10,6 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from ..decoding.cache import KVCache
-
 # Positions per LM-head matmul: bounds the [positions, vocab_size] logits held at once (256 x 256008 floats).
 HEAD_CHUNK = 256
 
@@ -78,6 +76,17 @@ def sequence_logprobs(model, rows: list[list[int]]) -> list[tuple[np.ndarray, np
     return out
 
 
+class _CopiedContext:
+    """One layer's cache for continuations: the context's keys and values, the new ones appended."""
+
+    def __init__(self, keys: mx.array, values: mx.array):
+        self.keys, self.values = keys, values
+        self.offset = keys.shape[2]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
+
+
 def continuation_logprobs(
     model, contexts: list[list[int]], continuations: list[tuple[int, list[int]]]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -93,21 +102,12 @@ def continuation_logprobs(
     key_real = mx.array([[False] * (width - len(c)) + [True] * len(c) for c in contexts])
     positions = mx.cumsum(key_real.astype(mx.int32), axis=1) - 1
     cache = model.make_cache()
-    hidden = _padded_forward(model, inputs, key_real, positions, cache)
-    # The last context position predicts every continuation's first token.
+    # Only the last context position goes on: it predicts every continuation's first token.
+    scoring_rows = [_padded_forward(model, inputs, key_real, positions, cache)[:, -1]]
     which = mx.array([g for g, _ in continuations])
-    first = _target_logprobs(model, hidden[:, -1][which], mx.array([c[0] for _, c in continuations]))
-
     rest_len = max(len(c) - 1 for _, c in continuations)
-    rest = (np.zeros(0, np.float32), np.zeros(0, bool))
-    flat, targets = [], []
     if rest_len:
-        copies = []
-        for layer in cache:
-            keys, values = layer.state
-            copy = KVCache()
-            copy.state = (mx.take(keys, which, axis=0), mx.take(values, which, axis=0))
-            copies.append(copy)
+        copies = [_CopiedContext(*(mx.take(a, which, axis=0) for a in layer.state)) for layer in cache]
         rows = [c[:-1] + [pad] * (rest_len - len(c) + 1) for _, c in continuations]
         real = mx.array([[True] * (len(c) - 1) + [False] * (rest_len - len(c) + 1) for _, c in continuations])
         lengths = mx.array([len(contexts[g]) for g, _ in continuations])
@@ -118,17 +118,18 @@ def continuation_logprobs(
             lengths[:, None] + mx.arange(rest_len)[None],
             copies,
         )
-        for i, (_, c) in enumerate(continuations):
-            flat.extend(range(i * rest_len, i * rest_len + len(c) - 1))
-            targets.extend(c[1:])
-        if flat:
-            h = cont_hidden.reshape(-1, cont_hidden.shape[-1])[mx.array(flat, mx.int32)]
-            rest = _target_logprobs(model, h, mx.array(targets, mx.int32))
+        scoring_rows.append(cont_hidden.reshape(-1, cont_hidden.shape[-1]))
+    # Row of each scored token in [last context positions; continuation positions], so that the LM
+    # head (a pass over the whole vocab_size x d_model matrix) runs once.
+    index, targets = [], []
+    for i, (g, c) in enumerate(continuations):
+        index.append(g)
+        index.extend(len(contexts) + i * rest_len + j for j in range(len(c) - 1))
+        targets.extend(c)
+    hidden = mx.concatenate(scoring_rows)[mx.array(index, mx.int32)]
+    lp, greedy = _target_logprobs(model, hidden, mx.array(targets, mx.int32))
     out, at = [], 0
-    for i, (_, c) in enumerate(continuations):
-        n = len(c) - 1
-        lp = np.concatenate([first[0][i : i + 1], rest[0][at : at + n]])
-        greedy = np.concatenate([first[1][i : i + 1], rest[1][at : at + n]])
-        out.append((lp, greedy))
-        at += n
+    for _, c in continuations:
+        out.append((lp[at : at + len(c)], greedy[at : at + len(c)]))
+        at += len(c)
     return out

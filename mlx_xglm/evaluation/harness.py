@@ -50,7 +50,8 @@ class XGLMEvalModel(LM):
         model=None,
         tokenizer=None,
         group=None,
-        **_lm_eval_extras,  # max_batch_size, device: lm-eval passes them to every backend
+        max_batch_size: int | None = None,  # lm-eval passes these two to every backend; MLX picks its device
+        device: str | None = None,
     ):
         super().__init__()
         if newlines not in ("space", "eos"):
