@@ -93,7 +93,11 @@ def read_outputs(folder: Path) -> tuple[dict, dict]:
 def one_process(setup, tmp_path_factory):
     path, folder, tasks, _ = setup
     out = tmp_path_factory.mktemp("out1")
-    args = ["eval", "--model", path, "--tasks", ",".join(tasks), "--include-path", folder, "--batch-size", 3]
+    # Small (3 documents a task, 2 requests a batch) but several batches per request type, so that
+    # both ranks of the 2-process run get work: under mlx.launch each rank gets a fraction of a core on a
+    # 2-core machine, since the launcher's own I/O loop keeps one busy.
+    args = ["eval", "--model", path, "--tasks", ",".join(tasks), "--include-path", folder]
+    args += ["--limit", 3, "--batch-size", 2]
     result = run([*args, "--output-path", out / "results", "--log-samples"], cwd=out)
     assert result.returncode == 0, result.stderr
     return result, out / "results", args

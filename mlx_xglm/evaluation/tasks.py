@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -16,13 +17,19 @@ LM_EVAL_SEEDS = (0, 1234, 1234, 1234)
 
 def task_manager(include_path: str | None):
     """lm-eval's TaskManager, with the tasks in `include_path` (a folder of task YAMLs) added."""
-    from lm_eval.tasks import TaskManager
-
     if include_path is not None and not Path(include_path).is_dir():
         raise XGLMError(
             f"the include path {include_path} is not a folder; pass a folder of lm-eval task YAML files",
             param="include_path",
         )
+    return _indexed_tasks(None if include_path is None else str(Path(include_path).resolve()))
+
+
+@functools.cache
+def _indexed_tasks(include_path: str | None):
+    # Building the index reads every task YAML lm-eval ships (seconds of CPU): once per folder.
+    from lm_eval.tasks import TaskManager
+
     return TaskManager(include_path=include_path)
 
 
