@@ -108,3 +108,50 @@ def test_generate_until_equals_hf_backend(runs):
     assert texts == [ref["resps"][0][0] for _, ref in pairs]
     # Some rows stop at the stop sequence, others run to max_gen_toks.
     assert len(set(texts)) > 1
+
+
+class Request:
+    """What the backend reads of an lm-eval Instance: its `args`."""
+
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_newlines_eos_reads_newlines_and_fewshot_separators_as_eos(eval_setup):
+    import torch
+    from reference import reference_model, reference_tokenizer
+
+    from mlx_xglm.evaluation.harness import XGLMEvalModel
+
+    path = eval_setup[0]
+    lm = XGLMEvalModel(pretrained=str(path), newlines="eos", batch_size=2)
+    hf_model, hf_tokenizer = reference_model(path), reference_tokenizer(path)
+    context = "Le chat dort.\nQuestion: what follows?\nAnswer: yes\n\nDer Hund bellt.\nAnswer:"
+    ((lp, _),) = lm.loglikelihood([Request(context, " no")])
+    # fairseq's layout: each line encoded on its own, a </s> for every newline (two for "\n\n").
+    ids = [2]
+    for i, line in enumerate(context.split("\n")):
+        ids += ([2] if i else []) + hf_tokenizer.encode(line, add_special_tokens=False)
+    # The continuation: the pieces " no" adds to the last line, as lm-eval splits the whole text.
+    cont = hf_tokenizer.encode("Answer: no", add_special_tokens=False)[
+        len(hf_tokenizer.encode("Answer:")) - 1 :
+    ]
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([ids + cont])).logits[0].double()
+    expected = torch.log_softmax(logits, -1)[len(ids) - 1 : -1].gather(1, torch.tensor(cont)[:, None]).sum()
+    assert lp == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_newlines_eos_generation_shows_eos_as_a_newline(eval_setup):
+    from mlx_xglm.evaluation.harness import XGLMEvalModel
+
+    path = eval_setup[0]
+    model, tokenizer = load(path)
+    lm = XGLMEvalModel(pretrained=str(path), newlines="eos")
+    assert lm._decode(
+        [*tokenizer.encode("ab", add_special_tokens=False), 2, 2, 130]
+    ) == "ab\n\n" + tokenizer.decode([130])
+    (text,) = lm.generate_until([Request("Le renard brun", {"until": ["\n\n"], "max_gen_toks": 6})])
+    ids = tokenizer.encode("Le renard brun", newlines="eos")
+    greedy = generate(model, tokenizer, ids, max_tokens=6, newlines="eos")
+    assert text == greedy.split("\n\n")[0].strip()
