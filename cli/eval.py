@@ -30,7 +30,6 @@ FLAGS = {
     "limit": "--limit",
     "batch_size": "--batch-size",
     "newlines": "--newlines",
-    "max_gen_toks": "--max-gen-toks",
 }
 
 

@@ -12,7 +12,7 @@ from mlx_xglm import XGLMError
 
 from .render import Renderer
 
-LAUNCH_NOTE = """\
+LAUNCH_NOTE = """
 Across processes or machines (data parallel, results equal to one process; rank 0 prints and writes):
   mlx.launch --backend ring -n 2 -- mlx-xglm %s ...
   mlx.launch --backend ring --hostfile hosts.json -- mlx-xglm %s ...

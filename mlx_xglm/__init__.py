@@ -15,6 +15,7 @@ from .decoding import (
     stream_generate,
 )
 from .errors import XGLMError
+from .evaluation import loglikelihood, perplexity, rank, score
 from .model import XGLMCausalLMOutput, XGLMConfig, XGLMForCausalLM, XGLMModel, XGLMModelOutput, causal_lm_loss
 from .tokenization import BatchEncoding, XGLMTokenizer
 
@@ -40,9 +41,13 @@ __all__ = [
     "generate_step",
     "load",
     "load_prompt_cache",
+    "loglikelihood",
     "make_logits_processors",
     "make_prompt_cache",
     "make_sampler",
+    "perplexity",
+    "rank",
     "save_prompt_cache",
+    "score",
     "stream_generate",
 ]
