@@ -29,6 +29,8 @@ COMMANDS: list[str] = [
     "bench",
     "tiny",
     "server",
+    "eval",
+    "perplexity",
 ]
 
 EXAMPLES = """\
@@ -39,6 +41,7 @@ examples:
   mlx-xglm bench --preset 564M
   mlx-xglm tiny --mlx-path tiny-xglm    # a small random-weight checkpoint for trying things offline
   mlx-xglm server --model ./xglm-564M --port 8080
+  mlx-xglm eval --model facebook/xglm-564M --tasks xcopa,xstorycloze
   mlx-xglm COMMAND --help
 
 Set MLX_XGLM_DEBUG=1 to see the full traceback of an error.

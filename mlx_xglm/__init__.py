@@ -19,6 +19,7 @@ from .decoding import (
     trim_prompt_cache,
 )
 from .errors import XGLMError
+from .evaluation import loglikelihood, perplexity, rank, score
 from .model import XGLMCausalLMOutput, XGLMConfig, XGLMForCausalLM, XGLMModel, XGLMModelOutput, causal_lm_loss
 from .tokenization import BatchEncoding, XGLMTokenizer
 
@@ -46,11 +47,15 @@ __all__ = [
     "generate_step",
     "load",
     "load_prompt_cache",
+    "loglikelihood",
     "make_logits_processors",
     "make_prompt_cache",
     "make_sampler",
     "model_fingerprint",
+    "perplexity",
+    "rank",
     "save_prompt_cache",
+    "score",
     "stream_generate",
     "trim_prompt_cache",
 ]

@@ -1,0 +1,117 @@
+"""`mlx-xglm eval`: lm-evaluation-harness tasks on an XGLM model, with lm-eval's own flags and files."""
+
+from __future__ import annotations
+
+import argparse
+
+from mlx_xglm import XGLMError
+
+from .options import add_model_args, help_formatter, load_model
+from .scoring_options import LAUNCH_NOTE, flag_error, quiet_renderer, start_group
+
+EXAMPLES = (
+    """\
+examples:
+  mlx-xglm eval --model facebook/xglm-564M --tasks xcopa,xstorycloze --output-path results
+  mlx-xglm eval --model ./xglm-564M --tasks xwinograd --num-fewshot 5 --newlines eos --log-samples \\
+      --output-path results
+  mlx-xglm eval --model ./tiny --tasks my_task --include-path ./tasks --limit 10
+
+lm-eval writes results_<date>.json (and samples_<task>_<date>.jsonl with --log-samples) under
+OUTPUT_PATH/<model name>/, then the table is printed.
+"""
+    + LAUNCH_NOTE % ("eval", "eval")
+)
+
+FLAGS = {
+    "tasks": "--tasks",
+    "include_path": "--include-path",
+    "num_fewshot": "--num-fewshot",
+    "limit": "--limit",
+    "batch_size": "--batch-size",
+    "newlines": "--newlines",
+}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="run lm-evaluation-harness tasks (xcopa, xstorycloze, xwinograd, xnli, paws-x, ...)",
+        description="Evaluate an XGLM model on lm-evaluation-harness tasks with the mlx-xglm backend; "
+        "results equal `lm_eval --model hf` on the same checkpoint.",
+        epilog=EXAMPLES,
+        formatter_class=help_formatter,
+    )
+    add_model_args(parser)
+    parser.add_argument("--tasks", required=True, metavar="T1,T2", help="comma-separated lm-eval task names")
+    parser.add_argument("--include-path", metavar="DIR", help="a folder of extra task YAML files")
+    parser.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot examples per prompt")
+    parser.add_argument(
+        "--limit", type=float, metavar="N", help="documents per task (a fraction below 1: that share of them)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=16, metavar="N", help="continuations per forward pass (default: 16)"
+    )
+    parser.add_argument("--output-path", metavar="DIR", help="write lm-eval's results JSON here")
+    parser.add_argument(
+        "--log-samples", action="store_true", help="also write every document's requests and responses"
+    )
+    parser.add_argument(
+        "--seed", type=int, metavar="N", help="lm-eval's random, numpy, torch and few-shot seeds"
+    )
+    parser.add_argument(
+        "--newlines",
+        choices=["space", "eos"],
+        default="space",
+        help="space: a newline is a space, as lm-eval's hf backend (default); eos: every newline, few-shot "
+        "separators included, is </s>, as in XGLM's training text",
+    )
+    parser.set_defaults(run=run, usage_error=parser.error)
+
+
+def run(args: argparse.Namespace) -> int:
+    group = start_group()
+    if args.log_samples and not args.output_path:
+        raise XGLMError("--log-samples needs --output-path, where the samples are written")
+    from lm_eval.utils import make_table
+
+    from mlx_xglm.evaluation.harness import XGLMEvalModel
+    from mlx_xglm.evaluation.tasks import evaluate, resolve_tasks, task_manager
+
+    tasks = args.tasks.split(",")
+    try:
+        # Unknown tasks and a missing include path fail before the model loads.
+        resolve_tasks(task_manager(args.include_path), tasks)
+        model, tokenizer, _ = load_model(args.model, args.revision, quiet_renderer(group).spinner)
+        lm = XGLMEvalModel(
+            pretrained=args.model,
+            model=model,
+            tokenizer=tokenizer,
+            batch_size=args.batch_size,
+            newlines=args.newlines,
+            seed=args.seed if args.seed is not None else 1234,
+            group=group,
+        )
+        results = evaluate(
+            lm,
+            tasks,
+            include_path=args.include_path,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            output_path=args.output_path,
+            log_samples=args.log_samples,
+            seed=args.seed,
+            group=group,
+        )
+    except XGLMError as e:
+        raise flag_error(e, FLAGS) from None
+    if group.rank() == 0:
+        print(
+            f"mlx-xglm (pretrained={args.model}, newlines={args.newlines}), limit: {args.limit}, "
+            f"num_fewshot: {args.num_fewshot}, batch_size: {args.batch_size}"
+        )
+        print(make_table(results))
+        if "groups" in results:
+            print(make_table(results, "groups"))
+    return 0
