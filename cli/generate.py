@@ -11,6 +11,7 @@ from pathlib import Path
 from mlx_xglm import XGLMError, load_prompt_cache, make_prompt_cache, save_prompt_cache, stream_generate
 
 from .options import (
+    add_adapter_arg,
     add_model_args,
     add_sampling_args,
     help_formatter,
@@ -45,6 +46,7 @@ def register(subparsers) -> None:
         formatter_class=help_formatter,
     )
     add_model_args(parser)
+    add_adapter_arg(parser)
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument(
         "--prompt", "-p", metavar="TEXT", help=r'text to continue ("\n" reads as a newline); "-" reads stdin'
@@ -115,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
         raise XGLMError(f"--prompt-cache-file {cache_file} must end in .safetensors")
     renderer = Renderer(quiet=args.quiet or args.json)
     sampling = sampling_from(args)
-    model, tokenizer, load_seconds = load_model(args.model, args.revision, renderer.spinner)
+    model, tokenizer, load_seconds = load_model(
+        args.model, args.revision, renderer.spinner, args.adapter_path
+    )
 
     if cache_file is not None and cache_file.exists():
         cache = load_prompt_cache(cache_file)

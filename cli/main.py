@@ -21,6 +21,8 @@ COMMANDS: list[str] = [
     "chat",
     "convert",
     "bench",
+    "lora",
+    "fuse",
 ]
 
 EXAMPLES = """\
@@ -29,6 +31,7 @@ examples:
   mlx-xglm chat --model ./xglm-564M
   mlx-xglm convert --hf-path facebook/xglm-564M -q --mlx-path xglm-564M-4bit
   mlx-xglm bench --preset 564M
+  mlx-xglm lora --model ./xglm-564M --train --data ./data
   mlx-xglm COMMAND --help
 
 Set MLX_XGLM_DEBUG=1 to see the full traceback of an error.

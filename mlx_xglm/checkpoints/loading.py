@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from ..errors import XGLMError
 from ..model.xglm import XGLMConfig, XGLMForCausalLM
 from ..tokenization.tokenizer import VOCAB_FILE, XGLMTokenizer
+from .adapters import apply_adapter
 from .hub import snapshot
 from .quantize import apply_quantization
 from .torch_bin import TorchTensor, read_torch_bin
@@ -171,8 +172,10 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], source: Path) 
             )
 
 
-def load_model(model_path: Path, lazy: bool = False) -> XGLMForCausalLM:
-    """Build XGLMForCausalLM from a checkpoint folder."""
+def load_model(
+    model_path: Path, lazy: bool = False, adapter_path: str | Path | None = None
+) -> XGLMForCausalLM:
+    """Build XGLMForCausalLM from a checkpoint folder, with a PEFT LoRA adapter applied when given."""
     config_dict = load_config(model_path)
     weights = load_weights(model_path)
     if head_is_untied(config_dict, weights):
@@ -187,6 +190,8 @@ def load_model(model_path: Path, lazy: bool = False) -> XGLMForCausalLM:
         apply_quantization(model, config_dict["quantization"], set(weights))
     check_weights(model, weights, model_path)
     model.load_weights(list(weights.items()))
+    if adapter_path is not None:
+        apply_adapter(model, adapter_path)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
@@ -194,15 +199,20 @@ def load_model(model_path: Path, lazy: bool = False) -> XGLMForCausalLM:
 
 
 def load(
-    path_or_repo: str | Path, revision: str | None = None, lazy: bool = False
+    path_or_repo: str | Path,
+    revision: str | None = None,
+    lazy: bool = False,
+    adapter_path: str | Path | None = None,
 ) -> tuple[XGLMForCausalLM, XGLMTokenizer]:
     """Load an XGLM model and its tokenizer.
 
     `path_or_repo` is a local checkpoint folder or a Hub repo id such as "facebook/xglm-564M";
     `revision` picks a Hub branch, tag or PR ref; with `lazy` the weights are read from disk on first use.
-    Raises XGLMError, naming the file or tensor, for anything wrong with the checkpoint.
+    `adapter_path` (a folder or Hub repo id with a PEFT LoRA adapter, ours or peft's) wraps the adapted
+    layers in LoRALinear right after the weights are loaded.
+    Raises XGLMError, naming the file or tensor, for anything wrong with the checkpoint or adapter.
     """
     model_path = resolve_model_path(path_or_repo, revision)
-    model = load_model(model_path, lazy=lazy)
+    model = load_model(model_path, lazy=lazy, adapter_path=adapter_path)
     tokenizer = XGLMTokenizer.from_pretrained(model_path)
     return model, tokenizer
