@@ -184,6 +184,7 @@ def wrap_modules(model: nn.Module, paths: dict[str, tuple[int, float]], dropout:
             raise XGLMError(f"adapter module {path} {what} in this XGLM model", param="adapter_path")
         wrapped.append((path, LoRALinear(layer, r, scaling, dropout)))
     model.update_modules(tree_unflatten(wrapped))
+    model.train(model.training)  # new layers start in training mode; give them the model's
 
 
 def apply_adapter(model: nn.Module, adapter_path: str | Path) -> LoraConfig:
@@ -205,13 +206,13 @@ def load_adapter_weights(
     wrap the modules they name, with that config's scaling."""
     wrap = config is not None
     if wrap:
-        wrap_modules(model, {p: (parts["lora_A"].shape[0], 1.0) for p, parts in modules.items()})
+        wrap_modules(model, {p: (parts["lora_A"].shape[0], 1.0) for p, parts in sorted(modules.items())})
     layers = {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
-    for path, parts in modules.items():
+    for path, parts in sorted(modules.items()):
         layer = layers.get(path)
         if layer is None:
             raise XGLMError(f"{source}: {path} carries an adapter, but that module is not adapted here")
-        for part, value in parts.items():
+        for part, value in sorted(parts.items()):
             expected = getattr(layer, part).shape
             if value.shape != expected:
                 raise XGLMError(
