@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlx.core as mx
 from xglm_fixtures import TEXT_FILE
 
 from mlx_xglm import load
@@ -46,6 +47,7 @@ def train_adapter(checkpoint: Path, data: Path, out: Path, iters: int = 12, **op
     model, tokenizer = load(checkpoint)
     lora = {k: options.pop(k) for k in ("rank", "alpha", "target_modules", "num_layers") if k in options}
     config = lora_config(model, **lora)
+    mx.random.seed(0)  # the adapter's initial lora_A
     apply_lora(model, config)
     splits = load_dataset(data, tokenizer)
     args = TrainingArgs(iters=iters, learning_rate=1e-2, steps_per_eval=iters, val_batches=1, **options)
