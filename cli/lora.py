@@ -177,12 +177,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(s: argparse.Namespace) -> int:
-    display = TrainingDisplay()
-    model, tokenizer, _ = load_model(
-        s.model, s.revision, display.spinner, adapter_path=None if s.train else s.adapter_path
-    )
-    splits = (("train", "valid") if s.train else ()) + (("test",) if s.test else ())
-    data = load_dataset(s.data, tokenizer, splits, s.mask_prompt, s.max_seq_length, s.newlines)
     args = TrainingArgs(
         iters=s.iters,
         batch_size=s.batch_size,
@@ -195,7 +189,14 @@ def _run(s: argparse.Namespace) -> int:
         seed=s.seed,
     )
     args.check()
-    status = 0
+    if s.test_batches == 0 or s.test_batches < -1:
+        raise XGLMError(f"--test-batches must be -1 (all) or 1 or more, got {s.test_batches}")
+    display = TrainingDisplay()
+    model, tokenizer, _ = load_model(
+        s.model, s.revision, display.spinner, adapter_path=None if s.train else s.adapter_path
+    )
+    splits = (("train", "valid") if s.train else ()) + (("test",) if s.test else ())
+    data = load_dataset(s.data, tokenizer, splits, s.mask_prompt, s.max_seq_length, s.newlines)
     if s.train:
         mx.random.seed(s.seed)
         config = lora_config(
@@ -222,7 +223,7 @@ def _run(s: argparse.Namespace) -> int:
     if s.test:
         loss = evaluate(model, data["test"], s.batch_size, s.test_batches, s.mask_prompt)
         display.note(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 700)):.3f}.")
-    return status
+    return 0
 
 
 def _names(text: str) -> list[str]:

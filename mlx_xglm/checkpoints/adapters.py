@@ -222,7 +222,7 @@ def load_adapter_weights(
             setattr(layer, part, value.astype(mx.float32))
         if wrap:
             layer.scaling = config.scaling(path, layer.r)
-    mx.eval(model.parameters())
+    mx.eval([getattr(layers[path], part) for path in modules for part in ("lora_A", "lora_B")])
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
