@@ -19,6 +19,8 @@ FIELDS = {"loss": "-", "val": "-", "tps": "-", "lr": "-", "mem": "-"}
 
 
 class TrainingDisplay:
+    """The spinner while loading, the bar while training, and the report lines."""
+
     def __init__(self):
         self.out = Console(highlight=False, soft_wrap=True)
         self.err = Console(stderr=True, highlight=False)

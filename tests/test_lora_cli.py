@@ -129,6 +129,9 @@ def test_bad_input_is_one_line(tiny_checkpoint, data, cli_adapter, make_checkpoi
     out, _ = cli_adapter
     error = one_line_error(mlx_xglm("generate", "--model", other, "--adapter-path", out, "-p", "a", "-m", 1))
     assert "made for another model shape" in error
+    assert "made for another model shape" in one_line_error(
+        mlx_xglm("chat", "--model", other, "--adapter-path", out)
+    )
     error = one_line_error(
         mlx_xglm("generate", "--model", tiny_checkpoint, "--adapter-path", "nowhere", "-p", "a")
     )
