@@ -99,8 +99,10 @@ def read_config(file: Path) -> LoraConfig:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise XGLMError(f"{file} is not a readable adapter config: {e}") from None
-    if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
-        raise XGLMError(f"{file}: peft_type {raw.get('peft_type')!r}; only LoRA adapters are supported")
+    if not isinstance(raw, dict):
+        raise XGLMError(f"{file} must hold a JSON object")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise XGLMError(f"{file}: peft_type {raw['peft_type']!r}; only LoRA adapters are supported")
     unsupported = {
         "use_dora": (False, None),
         "bias": ("none", None),
@@ -122,10 +124,15 @@ def read_config(file: Path) -> LoraConfig:
 
 
 def _adapter_folder(adapter_path: str | Path) -> Path:
-    from .loading import _looks_like_repo_id, resolve_model_path
+    from .loading import resolve_model_path
 
     path = Path(adapter_path).expanduser()
-    if not path.is_dir() and not _looks_like_repo_id(str(adapter_path)):
+    # Not a folder, and not a Hub repo id ("owner/name") either.
+    if path.is_file():
+        raise XGLMError(
+            f"adapter folder {path} is a file; pass the folder that holds it", param="adapter_path"
+        )
+    if not path.is_dir() and str(adapter_path).count("/") != 1:
         raise XGLMError(f"adapter folder {path} does not exist", param="adapter_path")
     return resolve_model_path(adapter_path, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, LEGACY_WEIGHTS_FILE])
 
