@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -139,3 +140,18 @@ def test_bad_input_is_one_line(tiny_checkpoint, data, cli_adapter, make_checkpoi
     config = tmp_path / "c.yaml"
     config.write_text("lora_layers: 4\n")
     assert "unknown setting lora_layers" in one_line_error(mlx_xglm(*base, "--data", data, "-c", config))
+
+
+def test_ctrl_c_saves_the_adapter_and_exits_130(tiny_checkpoint, data, tmp_path):
+    args = ["lora", "--model", tiny_checkpoint, "--train", "--data", data, "--iters", 100000]
+    args += ["--steps-per-report", 1, "--save-every", 100000, "--adapter-path", tmp_path / "a"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, text=True, env=env) as process:
+        for line in process.stdout:
+            if line.startswith("Iter 2: Train loss"):
+                break
+        process.send_signal(signal.SIGINT)
+        rest = process.stdout.read()
+    assert process.wait(timeout=60) == 130
+    assert "Saved adapter weights" in rest and "Interrupted: the adapter of the last finished step" in rest
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
