@@ -158,7 +158,22 @@ def _read_yaml(file: Path) -> dict:
     unknown = sorted(set(config) - set(DEFAULTS))
     if unknown:
         raise XGLMError(f"-c {file}: unknown setting {unknown[0]}; the settings are the flag names of lora")
-    return config
+    return {key: _typed(file, key, value) for key, value in config.items()}
+
+
+def _typed(file: Path, key: str, value):
+    """`value` as the type of the setting's default (YAML reads `1e-4` as a string, say)."""
+    kind = type(DEFAULTS[key])
+    if value is None or kind is str or key == "target_modules" or DEFAULTS[key] is None:
+        return value if value is None or isinstance(value, (list, tuple)) else str(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise XGLMError(f"-c {file}: {key} must be true or false, got {value!r}")
+        return value
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise XGLMError(f"-c {file}: {key} must be a number, got {value!r}") from None
 
 
 def flag_message(error: XGLMError) -> XGLMError:

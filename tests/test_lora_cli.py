@@ -62,11 +62,14 @@ def test_lora_trains_reports_and_saves(cli_adapter):
 
 def test_yaml_config_and_flags(tiny_checkpoint, data, mlx_xglm, tmp_path):
     config = tmp_path / "lora.yaml"
-    config.write_text(f"model: {tiny_checkpoint}\ndata: {data}\ntrain: true\niters: 2\nrank: 4\nalpha: 2\n")
+    config.write_text(
+        f"model: {tiny_checkpoint}\ndata: {data}\ntrain: true\niters: 2\nrank: 4\nalpha: 2\n"
+        "learning_rate: 1e-4\ntarget_modules: [q_proj, fc1]\n"
+    )
     result = mlx_xglm("lora", "-c", config, "--rank", 2, "--val-batches", 0)
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
-    assert (saved["r"], saved["lora_alpha"]) == (2, 2.0)
+    assert (saved["r"], saved["lora_alpha"], saved["target_modules"]) == (2, 2.0, ["q_proj", "fc1"])
 
 
 def test_generate_with_adapter_path_uses_the_adapter(tiny_checkpoint, cli_adapter, mlx_xglm):
@@ -140,6 +143,10 @@ def test_bad_input_is_one_line(tiny_checkpoint, data, cli_adapter, make_checkpoi
     config = tmp_path / "c.yaml"
     config.write_text("lora_layers: 4\n")
     assert "unknown setting lora_layers" in one_line_error(mlx_xglm(*base, "--data", data, "-c", config))
+    config.write_text("iters: many\n")
+    assert "iters must be a number, got 'many'" in one_line_error(
+        mlx_xglm(*base, "--data", data, "-c", config)
+    )
 
 
 def test_ctrl_c_saves_the_adapter_and_exits_130(tiny_checkpoint, data, tmp_path):
