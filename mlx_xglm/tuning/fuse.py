@@ -19,7 +19,6 @@ from ..checkpoints.atomic import write_atomically
 from ..checkpoints.convert import MAX_SHARD_BYTES, copy_side_files, save_weights, upload_to_hub
 from ..checkpoints.loading import load_config, load_model, resolve_model_path
 from ..checkpoints.model_card import model_card
-from ..checkpoints.quantize import dequantize_weight, module_settings
 from ..errors import XGLMError
 from ..model.lora import LoRALinear
 
@@ -57,10 +56,10 @@ def fuse(
         raise XGLMError(f"{source} is not quantized; dequantize needs a quantized model", param="dequantize")
     base = load_model(source, adapter_path=adapter_path)
     fuse_adapters(base, dequantize)
-    weights = dict(tree_flatten(base.parameters()))
     if dequantize:
-        weights = _dequantized(weights, config)
+        _dequantize_modules(base, config.get("torch_dtype"))
         config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    weights = dict(tree_flatten(base.parameters()))
     embed = weights["model.embed_tokens.weight"]
     if mx.issubdtype(embed.dtype, mx.floating):
         config["torch_dtype"] = str(embed.dtype).removeprefix("mlx.core.")
@@ -79,19 +78,31 @@ def fuse(
     return target
 
 
-def _dequantized(weights: dict[str, mx.array], config: dict) -> dict[str, mx.array]:
-    quantization = config["quantization"]
-    dtype = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}.get(
-        config.get("torch_dtype")
-    )
-    out = dict(weights)
-    for name in [n for n in weights if n.endswith(".scales")]:
-        path = name.removesuffix(".scales")
-        value = dequantize_weight(weights, path, module_settings(quantization, path))
-        out[f"{path}.weight"] = value.astype(dtype) if dtype is not None else value
-        del out[name]
-        out.pop(f"{path}.biases", None)
-    return out
+def _dequantize_modules(model: nn.Module, dtype: str | None) -> None:
+    """Replace every quantized Linear and Embedding by its floating-point form (in `dtype` when given)."""
+    dtype = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}.get(dtype)
+    floats = []
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            continue
+        weight = mx.dequantize(
+            module.weight,
+            module.scales,
+            module.get("biases"),
+            group_size=module.group_size,
+            bits=module.bits,
+            mode=module.mode,
+        )
+        weight = weight.astype(dtype) if dtype is not None else weight
+        if isinstance(module, nn.QuantizedEmbedding):
+            layer = nn.Embedding(*weight.shape)
+        else:
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+            if "bias" in module:
+                layer.bias = module.bias
+        layer.weight = weight
+        floats.append((path, layer))
+    model.update_modules(tree_unflatten(floats))
 
 
 def _fill(work: Path, weights, config: dict, source: Path, model, adapter_path, target: Path) -> None:
