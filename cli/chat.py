@@ -11,6 +11,7 @@ from mlx_xglm import XGLMError
 from mlx_xglm.decoding.chat import DEFAULT_TEMPLATE, Conversation, split_template
 
 from .options import (
+    add_adapter_arg,
     add_model_args,
     add_sampling_args,
     check_utf8,
@@ -50,6 +51,7 @@ def register(subparsers) -> None:
         formatter_class=help_formatter,
     )
     add_model_args(parser)
+    add_adapter_arg(parser)
     parser.add_argument(
         "--template",
         default=DEFAULT_TEMPLATE.replace("\n", "\\n"),
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_from(args)
     template = unescape(check_utf8(args.template, "--template"))
     split_template(template)
-    model, tokenizer, _ = load_model(args.model, args.revision, renderer.spinner)
+    model, tokenizer, _ = load_model(args.model, args.revision, renderer.spinner, args.adapter_path)
     conversation = Conversation(model, tokenizer, template, max_kv_size=args.max_kv_size)
     seed_from(args)
     if sys.stdin.isatty():

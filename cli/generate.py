@@ -23,6 +23,7 @@ from mlx_xglm.decoding import cached_tokens, prompt_cache_max_kv_size
 from mlx_xglm.tokenization import NEWLINES, prompt_ids
 
 from .options import (
+    add_adapter_arg,
     add_model_args,
     add_sampling_args,
     check_utf8,
@@ -58,6 +59,7 @@ def register(subparsers) -> None:
         formatter_class=help_formatter,
     )
     add_model_args(parser)
+    add_adapter_arg(parser)
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument(
         "--prompt", "-p", metavar="TEXT", help=r'text to continue ("\n" reads as a newline); "-" reads stdin'
@@ -129,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
         check_cache_path(cache_file)
     renderer = Renderer(quiet=args.quiet or args.json)
     sampling = sampling_from(args)
-    model, tokenizer, load_seconds = load_model(args.model, args.revision, renderer.spinner)
+    model, tokenizer, load_seconds = load_model(
+        args.model, args.revision, renderer.spinner, args.adapter_path
+    )
     fingerprint = model_fingerprint(model, tokenizer) if cache_file is not None else None
 
     if cache_file is not None and cache_file.exists():

@@ -31,6 +31,8 @@ COMMANDS: list[str] = [
     "server",
     "eval",
     "perplexity",
+    "lora",
+    "fuse",
 ]
 
 EXAMPLES = """\
@@ -42,6 +44,7 @@ examples:
   mlx-xglm tiny --mlx-path tiny-xglm    # a small random-weight checkpoint for trying things offline
   mlx-xglm server --model ./xglm-564M --port 8080
   mlx-xglm eval --model facebook/xglm-564M --tasks xcopa,xstorycloze
+  mlx-xglm lora --model ./xglm-564M --train --data ./data
   mlx-xglm COMMAND --help
 
 Set MLX_XGLM_DEBUG=1 to see the full traceback of an error.

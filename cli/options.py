@@ -106,8 +106,17 @@ def seed_from(args: argparse.Namespace) -> None:
         mx.random.seed(args.seed)
 
 
-def load_model(name: str, revision: str | None, spinner) -> tuple:
-    """`(model, tokenizer, seconds)` for `--model NAME --revision REF`, showing a spinner while it loads.
+def add_adapter_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter-path",
+        metavar="DIR",
+        help="apply this LoRA adapter (PEFT format: ours from `mlx-xglm lora`, or peft's) to the model",
+    )
+
+
+def load_model(name: str, revision: str | None, spinner, adapter_path: str | None = None) -> tuple:
+    """`(model, tokenizer, seconds)` for `--model NAME --revision REF` (and `--adapter-path DIR`),
+    showing a spinner while it loads.
 
     A Hub repo id that is not in the local cache while offline gets a hint to pass a local folder.
     """
@@ -120,5 +129,10 @@ def load_model(name: str, revision: str | None, spinner) -> tuple:
             raise XGLMError(f"{e} (--model PATH)") from None
         raise
     with spinner(f"Loading {name}"):
-        model, tokenizer = load(path)
+        try:
+            model, tokenizer = load(path, adapter_path=adapter_path)
+        except XGLMError as e:
+            if e.param == "adapter_path":
+                raise XGLMError(str(e).replace("adapter folder", "--adapter-path"), param=e.param) from None
+            raise
     return model, tokenizer, time.perf_counter() - start

@@ -14,14 +14,14 @@ from mlx_xglm.outputs import remove_stale_partials, staged_file, staged_folder
 CONVERT_THAT_WAITS = """
 import importlib, sys, time
 convert = importlib.import_module("mlx_xglm.checkpoints.convert")
-copy = convert._copy_side_files
+copy = convert.copy_side_files
 
 def copy_then_wait(*args):
     copy(*args)
     print("writing", flush=True)
     time.sleep(60)
 
-convert._copy_side_files = copy_then_wait
+convert.copy_side_files = copy_then_wait
 from mlx_xglm.cli.main import entry
 sys.argv = ["mlx-xglm", "convert", "--hf-path", sys.argv[1], "--mlx-path", sys.argv[2]]
 entry()

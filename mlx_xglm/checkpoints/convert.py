@@ -102,8 +102,8 @@ def convert(
         out_dtype = DTYPES.get(dtype) or (DTYPES.get(config.get("torch_dtype")) if dequantize else None)
         weights, n_params = _convert_tensors(checkpoint.tensors, config, plan, out_dtype, console)
         config = _output_config(config, weights, quantization)
-        weight_bytes = _save_weights(work, weights, max_shard_size)
-        _copy_side_files(source, work, config)
+        weight_bytes = save_weights(work, weights, max_shard_size)
+        copy_side_files(source, work, config)
         (work / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (work / "README.md").write_text(model_card(hf_path, source, upload_repo or target.name, config))
 
@@ -221,7 +221,7 @@ def _output_config(config: dict, weights: dict, quantization: dict | None) -> di
     return config
 
 
-def _save_weights(folder: Path, weights: dict[str, mx.array], max_shard_size: int) -> int:
+def save_weights(folder: Path, weights: dict[str, mx.array], max_shard_size: int) -> int:
     """Write `model.safetensors`, or shards of at most `max_shard_size` bytes plus their index."""
     shards, current, size = [], {}, 0
     for name in sorted(weights):
@@ -246,7 +246,8 @@ def _save_weights(folder: Path, weights: dict[str, mx.array], max_shard_size: in
     return total
 
 
-def _copy_side_files(source: Path, folder: Path, config: dict) -> None:
+def copy_side_files(source: Path, folder: Path, config: dict) -> None:
+    """Copy the tokenizer files and generation_config.json (or write one from `config`) into `folder`."""
     if not (source / VOCAB_FILE).is_file():
         raise XGLMError(f"{source / VOCAB_FILE} not found; the converted folder needs the tokenizer model")
     for name in TOKENIZER_FILES:

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 from ..errors import XGLMError
 from ..model.xglm import XGLMConfig, XGLMForCausalLM
 from ..tokenization.tokenizer import VOCAB_FILE, XGLMTokenizer
+from .adapters import apply_adapter
 from .hub import snapshot
 from .quantize import apply_quantization
 from .torch_bin import TorchTensor, read_torch_bin
@@ -217,11 +218,16 @@ def read_tensor(tensor: mx.array | TorchTensor) -> mx.array:
     return tensor.load() if isinstance(tensor, TorchTensor) else tensor
 
 
-def load_model(model_path: Path, lazy: bool = False) -> XGLMForCausalLM:
-    """Build XGLMForCausalLM from a checkpoint folder; with `lazy`, safetensors weights load on first use."""
+def load_model(
+    model_path: Path, lazy: bool = False, adapter_path: str | Path | None = None
+) -> XGLMForCausalLM:
+    """Build XGLMForCausalLM from a checkpoint folder; with `lazy`, safetensors weights load on first use;
+    with `adapter_path`, a PEFT LoRA adapter is applied right after the weights."""
     checkpoint = open_checkpoint(model_path)
     model = checkpoint.model
     model.load_weights([(name, read_tensor(tensor)) for name, tensor in checkpoint.tensors.items()])
+    if adapter_path is not None:
+        apply_adapter(model, adapter_path)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
@@ -229,15 +235,20 @@ def load_model(model_path: Path, lazy: bool = False) -> XGLMForCausalLM:
 
 
 def load(
-    path_or_repo: str | Path, revision: str | None = None, lazy: bool = False
+    path_or_repo: str | Path,
+    revision: str | None = None,
+    lazy: bool = False,
+    adapter_path: str | Path | None = None,
 ) -> tuple[XGLMForCausalLM, XGLMTokenizer]:
     """Load an XGLM model and its tokenizer.
 
     `path_or_repo` is a local checkpoint folder or a Hub repo id such as "facebook/xglm-564M";
     `revision` picks a Hub branch, tag or PR ref; with `lazy` the weights are read from disk on first use.
-    Raises XGLMError, naming the file or tensor, for anything wrong with the checkpoint.
+    `adapter_path` (a folder or Hub repo id with a PEFT LoRA adapter, ours or peft's) wraps the adapted
+    layers in LoRALinear right after the weights are loaded.
+    Raises XGLMError, naming the file or tensor, for anything wrong with the checkpoint or adapter.
     """
     model_path = resolve_model_path(path_or_repo, revision)
-    model = load_model(model_path, lazy=lazy)
+    model = load_model(model_path, lazy=lazy, adapter_path=adapter_path)
     tokenizer = XGLMTokenizer.from_pretrained(model_path)
     return model, tokenizer

@@ -17,17 +17,25 @@ def _describe(config: dict) -> str:
     return text
 
 
-def model_card(hf_path: str | Path, source: Path, repo_name: str, config: dict) -> str:
-    """Model card text: front matter (library mlx, base model, tags) and a usage snippet."""
+def model_card(
+    hf_path: str | Path, source: Path, repo_name: str, config: dict, adapter: str | None = None
+) -> str:
+    """Model card text: front matter (library mlx, base model, tags) and a usage snippet.
+
+    `adapter` names the LoRA adapter merged into the weights (for `mlx-xglm fuse`)."""
     base = str(hf_path)
     is_repo = not Path(base).expanduser().exists()
     lines = ["---", "library_name: mlx", "license: mit", "pipeline_tag: text-generation"]
     if is_repo:
         lines.append(f"base_model: {base}")
-    lines += ["tags:", "- mlx", "- xglm", "- multilingual", "---", "", f"# {repo_name}", ""]
+    tags = ["- mlx", "- xglm", "- multilingual", *(["- lora"] if adapter else [])]
+    lines += ["tags:", *tags, "---", "", f"# {repo_name}", ""]
     origin = f"[{base}](https://huggingface.co/{base})" if is_repo else f"`{source.name}`"
+    made = "converted to MLX format"
+    if adapter:
+        made = f"with the LoRA adapter `{adapter}` merged into its weights, in MLX format,"
     lines += [
-        f"XGLM converted to MLX format from {origin} with [mlx-xglm](https://github.com/mlx-xglm/mlx-xglm):",
+        f"XGLM {made} from {origin} with [mlx-xglm](https://github.com/mlx-xglm/mlx-xglm):",
         f"{_describe(config)}.",
         "",
         "## Use with mlx-xglm",

@@ -1,0 +1,249 @@
+"""`mlx-xglm lora`: train a LoRA (or, on a quantized model, QLoRA) adapter, with mlx-lm's flags.
+
+Flags, then a `-c config.yaml` (keys are the flag names with underscores), then the defaults, decide each
+setting. The adapter is saved in PEFT's format; Ctrl-C saves the last one before leaving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_xglm import XGLMError
+from mlx_xglm.checkpoints.adapters import TARGETS, read_adapter_weights
+from mlx_xglm.tuning import (
+    TrainingArgs,
+    apply_lora,
+    evaluate,
+    load_dataset,
+    lora_config,
+    save_adapter,
+    train,
+    trainable_parameters,
+)
+from mlx_xglm.tuning.lora import resume_adapter
+
+from .options import DEFAULT_MODEL, help_formatter, load_model
+from .progress import TrainingDisplay
+
+EXAMPLES = """\
+examples:
+  mlx-xglm lora --model facebook/xglm-564M --train --data ./data --iters 600
+  mlx-xglm lora --model ./xglm-564M-4bit --train --data ./data --mask-prompt --num-layers 8  # QLoRA
+  mlx-xglm lora --model ./xglm-564M --train --data ./data --resume-adapter-file adapters
+  mlx-xglm lora --model ./xglm-564M --test --data ./data --adapter-path adapters
+  mlx-xglm lora -c lora.yaml
+
+--data DIR holds train.jsonl and valid.jsonl (and test.jsonl for --test), one JSON object a line:
+{"text": "..."} or {"prompt": "...", "completion": "..."}. The adapter (adapter_config.json and
+adapter_model.safetensors in PEFT's format) loads in transformers + peft, in `mlx-xglm generate
+--adapter-path`, and merges into the model with `mlx-xglm fuse`.
+"""
+
+DEFAULTS = {
+    "model": DEFAULT_MODEL,
+    "revision": None,
+    "train": False,
+    "data": None,
+    "iters": 1000,
+    "batch_size": 4,
+    "learning_rate": 1e-4,
+    "num_layers": -1,
+    "rank": 8,
+    "alpha": 16.0,
+    "dropout": 0.0,
+    "target_modules": ",".join(TARGETS),
+    "max_seq_length": 2048,
+    "mask_prompt": False,
+    "newlines": "space",
+    "val_batches": 25,
+    "steps_per_report": 10,
+    "steps_per_eval": 200,
+    "save_every": 100,
+    "resume_adapter_file": None,
+    "seed": 0,
+    "adapter_path": "adapters",
+    "test": False,
+    "test_batches": 500,
+}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "lora",
+        help="fine-tune a LoRA adapter (QLoRA on quantized models)",
+        description="Train a LoRA adapter on JSONL data, saved in PEFT's format.",
+        epilog=EXAMPLES,
+        formatter_class=help_formatter,
+        argument_default=None,
+    )
+    flag = parser.add_argument
+    flag("--model", metavar="PATH", help=f"checkpoint folder or Hub repo id (default: {DEFAULT_MODEL})")
+    flag("--revision", metavar="REF", help="Hub branch, tag, commit or PR ref such as refs/pr/4")
+    flag("--train", action="store_true", default=None, help="train an adapter")
+    flag("--data", metavar="DIR", help="folder with train.jsonl, valid.jsonl and optionally test.jsonl")
+    flag("--iters", type=int, metavar="N", help="training steps (default: 1000)")
+    flag("--batch-size", type=int, metavar="N", help="rows per step (default: 4)")
+    flag("--learning-rate", type=float, metavar="LR", help="Adam learning rate (default: 1e-4)")
+    flag("--num-layers", type=int, metavar="K", help="adapt the last K layers; -1 all (default: -1)")
+    flag("--rank", type=int, metavar="R", help="LoRA rank r (default: 8)")
+    flag(
+        "--alpha", type=float, metavar="A", help="LoRA alpha; the update is scaled by alpha / r (default: 16)"
+    )
+    flag("--dropout", type=float, metavar="P", help="dropout on the adapters' input (default: 0)")
+    flag(
+        "--target-modules",
+        metavar="NAMES",
+        help=f"comma-separated Linear names (default: {DEFAULTS['target_modules']})",
+    )
+    flag("--max-seq-length", type=int, metavar="N", help="truncate rows to N tokens (default: 2048)")
+    flag("--mask-prompt", action="store_true", default=None, help="score only the completion of prompt rows")
+    flag(
+        "--newlines",
+        choices=["space", "eos"],
+        help="how data newlines are read, as in generate (default: space)",
+    )
+    flag("--val-batches", type=int, metavar="N", help="validation batches, -1 all, 0 none (default: 25)")
+    flag("--steps-per-report", type=int, metavar="N", help="steps between training reports (default: 10)")
+    flag("--steps-per-eval", type=int, metavar="N", help="steps between validations (default: 200)")
+    flag("--save-every", type=int, metavar="N", help="steps between adapter saves (default: 100)")
+    flag(
+        "--resume-adapter-file", metavar="F", help="start from this adapter_model.safetensors (or its folder)"
+    )
+    flag(
+        "--seed", type=int, metavar="N", help="seed of the adapter init, dropout and batch order (default: 0)"
+    )
+    flag(
+        "--adapter-path",
+        metavar="DIR",
+        help="where the adapter is saved, or read by --test (default: adapters)",
+    )
+    flag("--test", action="store_true", default=None, help="report the test-set loss and perplexity")
+    flag("--test-batches", type=int, metavar="N", help="test batches, -1 all (default: 500)")
+    flag("-c", "--config", metavar="FILE", help="YAML file of settings; flags given win over it")
+    parser.set_defaults(run=run, usage_error=parser.error)
+
+
+def settings_from(args: argparse.Namespace) -> argparse.Namespace:
+    """Flags first, then the YAML config's values, then DEFAULTS."""
+    given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
+    config = _read_yaml(Path(args.config)) if args.config else {}
+    merged = {**DEFAULTS, **config, **given}
+    if isinstance(merged["target_modules"], (list, tuple)):
+        merged["target_modules"] = ",".join(merged["target_modules"])
+    if merged["data"] is None:
+        raise XGLMError("give the data folder with --data DIR (or data: in the -c config)")
+    if not (merged["train"] or merged["test"]):
+        raise XGLMError("nothing to do: pass --train, --test or both")
+    return argparse.Namespace(**merged)
+
+
+def _read_yaml(file: Path) -> dict:
+    import yaml
+
+    try:
+        config = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise XGLMError(f"cannot read -c {file}: {e.strerror}") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise XGLMError(f"-c {file} is not a YAML file: {e}".replace("\n", " ")) from None
+    config = config or {}
+    if not isinstance(config, dict):
+        raise XGLMError(f"-c {file} must hold a mapping of settings")
+    config = {str(k).replace("-", "_"): v for k, v in config.items()}
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        raise XGLMError(f"-c {file}: unknown setting {unknown[0]}; the settings are the flag names of lora")
+    return {key: _typed(file, key, value) for key, value in config.items()}
+
+
+def _typed(file: Path, key: str, value):
+    """`value` as the type of the setting's default (YAML reads `1e-4` as a string, say)."""
+    kind = type(DEFAULTS[key])
+    if value is None or kind is str or key == "target_modules" or DEFAULTS[key] is None:
+        return value if value is None or isinstance(value, (list, tuple)) else str(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise XGLMError(f"-c {file}: {key} must be true or false, got {value!r}")
+        return value
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise XGLMError(f"-c {file}: {key} must be a number, got {value!r}") from None
+
+
+def flag_message(error: XGLMError) -> XGLMError:
+    """The error with its library parameter name spelled as the flag that sets it."""
+    if error.param is None:
+        return error
+    flag = "--" + error.param.replace("_", "-")
+    return XGLMError(re.sub(rf"\b{error.param}\b", flag, str(error)), param=error.param)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(settings_from(args))
+    except XGLMError as e:
+        raise flag_message(e) from None
+
+
+def _run(s: argparse.Namespace) -> int:
+    args = TrainingArgs(
+        iters=s.iters,
+        batch_size=s.batch_size,
+        learning_rate=s.learning_rate,
+        val_batches=s.val_batches,
+        steps_per_report=s.steps_per_report,
+        steps_per_eval=s.steps_per_eval,
+        save_every=s.save_every,
+        mask_prompt=s.mask_prompt,
+        seed=s.seed,
+    )
+    args.check()
+    if s.test_batches == 0 or s.test_batches < -1:
+        raise XGLMError(f"--test-batches must be -1 (all) or 1 or more, got {s.test_batches}")
+    display = TrainingDisplay()
+    model, tokenizer, _ = load_model(
+        s.model, s.revision, display.spinner, adapter_path=None if s.train else s.adapter_path
+    )
+    splits = (("train", "valid") if s.train else ()) + (("test",) if s.test else ())
+    data = load_dataset(s.data, tokenizer, splits, s.mask_prompt, s.max_seq_length, s.newlines)
+    if s.train:
+        mx.random.seed(s.seed)
+        config = lora_config(
+            model, s.rank, s.alpha, s.dropout, _names(s.target_modules), s.num_layers, base_model=s.model
+        )
+        apply_lora(model, config)
+        if s.resume_adapter_file:
+            resume_adapter(model, read_adapter_weights(Path(s.resume_adapter_file)), s.resume_adapter_file)
+        display.note(_parameters_line(*trainable_parameters(model)))
+        folder = Path(s.adapter_path)
+        try:
+            with display.training(s.iters):
+                train(
+                    model,
+                    data["train"],
+                    data["valid"],
+                    args,
+                    save=lambda it: save_adapter(model, folder, config),
+                    callback=lambda update: display.update(update, folder),
+                )
+        except KeyboardInterrupt:
+            display.note(f"Interrupted: the adapter of the last finished step is in {folder}")
+            return 130
+    if s.test:
+        loss = evaluate(model, data["test"], s.batch_size, s.test_batches, s.mask_prompt)
+        display.note(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 700)):.3f}.")
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in str(text).split(",") if name.strip()]
+
+
+def _parameters_line(trainable: int, total: int) -> str:
+    return f"Trainable parameters: {100 * trainable / total:.3f}% ({trainable / 1e6:.3f}M/{total / 1e6:.3f}M)"
