@@ -29,13 +29,13 @@ TINY = {
 }
 
 
-def train_sentencepiece(path: Path) -> Path:
-    """Train the fixture tokenizer model into `path`; deterministic for a given text."""
+def train_sentencepiece(path: Path, vocab_size: int = SP_PIECES) -> Path:
+    """Train the fixture tokenizer model into `path`; deterministic for a given text and size."""
     with open(path, "wb") as out:
         spm.SentencePieceTrainer.train(
             input=str(TEXT_FILE),
             model_writer=out,
-            vocab_size=SP_PIECES,
+            vocab_size=vocab_size,
             model_type="bpe",
             character_coverage=1.0,
             unk_id=0,
