@@ -35,17 +35,15 @@ def random_model(
     dtype: str = "float32",
     q_bits: int | None = None,
     q_group_size: int = 64,
-    **shape_overrides,
 ) -> XGLMForCausalLM:
     """An XGLM model of a released checkpoint's shape with random weights (nothing is downloaded).
 
     `layers` keeps only the first N layers so large shapes fit small machines; `q_bits` quantizes every
-    Linear and the tied embedding (which then serves as the quantized LM head). Other keyword arguments
-    (`d_model`, `vocab_size`, ...) override config fields, for shapes no checkpoint has.
+    Linear and the tied embedding (which then serves as the quantized LM head).
     """
     if preset not in PRESETS:
         raise XGLMError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    shape = {**PRESETS[preset], **shape_overrides}
+    shape = dict(PRESETS[preset])
     if layers is not None:
         if layers < 1:
             raise XGLMError(f"--layers must be at least 1, got {layers}")
