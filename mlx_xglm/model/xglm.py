@@ -16,6 +16,7 @@ import numpy as np
 
 from ..decoding.cache import KVCache
 from .forward import causal_lm_forward, model_forward
+from .masks import additive_mask
 
 # fairseq reserves rows 0 and 1 of the position table (row 1 is the padding row), so the first real token
 # reads row 2.
@@ -109,6 +110,8 @@ class XGLMSinusoidalPositionalEmbedding(nn.Module):
 
 
 class XGLMAttention(nn.Module):
+    """Multi-head self-attention; softmax in float32 on both branches (transformers #18049: NaN in fp16)."""
+
     def __init__(self, config: XGLMConfig):
         super().__init__()
         d = config.d_model
@@ -121,29 +124,45 @@ class XGLMAttention(nn.Module):
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
+        self.dropout_p = config.attention_dropout
+        self.dropout = nn.Dropout(config.attention_dropout)
 
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        # The fused kernel keeps the softmax in float32 even for float16 weights (transformers #18049).
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-    def project_heads(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Queries, keys and values [B, heads, L, head_dim] of `x`, for the explicit path in forward.py."""
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values [B, heads, L, head_dim] of `x`."""
         B, L, _ = x.shape
         return tuple(
             proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
 
+    def __call__(self, x: mx.array, mask=None, cache=None, head_mask=None, attentions=None) -> mx.array:
+        """Attention output [B, L, d_model]; `mask` is None, "causal", boolean or additive over [L, S].
+
+        `head_mask` [heads] scales each head's probabilities; a list `attentions` receives them [B, heads,
+        L, S]. Either, or attention dropout in training mode, spells the attention out; otherwise the fused
+        kernel runs.
+        """
+        B, L, _ = x.shape
+        q, k, v = self.project(x)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        if attentions is None and head_mask is None and not (self.training and self.dropout_p > 0):
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        else:
+            scores = ((q * self.scale) @ k.swapaxes(-1, -2)).astype(mx.float32)
+            mask = additive_mask(mask, L, k.shape[2], mx.float32)
+            probs = mx.softmax(scores if mask is None else scores + mask, axis=-1)
+            if head_mask is not None:
+                probs = probs * head_mask.astype(mx.float32)[None, :, None, None]
+            probs = probs.astype(v.dtype)
+            if attentions is not None:
+                attentions.append(probs)
+            out = self.dropout(probs) @ v
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
 
 class XGLMDecoderLayer(nn.Module):
-    """Pre-LayerNorm block: x + attn(LN(x)), then x + fc2(act(fc1(LN(x))))."""
+    """Pre-LayerNorm block: x + attn(LN(x)), then x + fc2(act(fc1(LN(x)))); dropout in training only."""
 
     def __init__(self, config: XGLMConfig):
         super().__init__()
@@ -158,10 +177,14 @@ class XGLMDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.ffn_dim, config.d_model)
         self.final_layer_norm = nn.LayerNorm(config.d_model, eps=1e-5)
         self.activation = ACTIVATIONS[config.activation_function]
+        self.dropout = nn.Dropout(config.dropout)
+        self.activation_dropout = nn.Dropout(config.activation_dropout)
 
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache)
-        return x + self.fc2(self.activation(self.fc1(self.final_layer_norm(x))))
+    def __call__(self, x: mx.array, mask=None, cache=None, head_mask=None, attentions=None) -> mx.array:
+        """The block's output; the options are those of `XGLMAttention.__call__`."""
+        x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), mask, cache, head_mask, attentions))
+        h = self.activation_dropout(self.activation(self.fc1(self.final_layer_norm(x))))
+        return x + self.dropout(self.fc2(h))
 
 
 class XGLMModel(nn.Module):
@@ -177,38 +200,55 @@ class XGLMModel(nn.Module):
         )
         self.layers = [XGLMDecoderLayer(config) for _ in range(config.num_layers)]
         self.layer_norm = nn.LayerNorm(config.d_model, eps=1e-5)
+        self.dropout = nn.Dropout(config.dropout)
 
     def __call__(
         self,
-        inputs: mx.array,
+        inputs: mx.array | None = None,
         cache=None,
         mask=None,
         position_ids: mx.array | None = None,
+        *,
+        inputs_embeds: mx.array | None = None,
+        head_mask: mx.array | None = None,
+        hidden_states: list | None = None,
+        attentions: list | None = None,
     ) -> mx.array:
-        """Final hidden states [B, L, d_model] for token ids [B, L].
+        """Final hidden states [B, L, d_model] for token ids [B, L] (or scaled `inputs_embeds`).
 
-        `cache` is a list of per-layer caches (or None); `mask` an additive attention mask broadcastable
-        to [B, heads, L, S], or None for plain causal attention; `position_ids` [B, L] 0-based positions,
-        by default counting on from the cache's offset.
+        `cache` is a list of per-layer caches (or None); `mask` an attention mask (boolean or additive)
+        broadcastable to [B, heads, L, S], by default the cache's own (plain causal without one);
+        `position_ids` [B, L] 0-based positions, by default the cache's. `head_mask` [layers, heads]
+        scales attention probabilities; lists `hidden_states` and `attentions` receive each layer's input
+        (then the output) and attention probabilities. In training mode dropout and layerdrop act.
         """
         cache = cache if cache is not None else [None] * len(self.layers)
-        h = self.embed_tokens(inputs) * self.embed_scale
+        h = self.embed_tokens(inputs) * self.embed_scale if inputs_embeds is None else inputs_embeds
+        length = h.shape[1]
         if position_ids is None:
             offset = cache[0].offset if cache[0] is not None else 0
-            positions = self.embed_positions.range(offset, inputs.shape[1])
+            positions = self.embed_positions.range(offset, length)
         else:
             positions = self.embed_positions(position_ids)
-        h = h + positions.astype(h.dtype)
-        if mask is None and cache[0] is not None and hasattr(cache[0], "make_mask"):
-            # A rotating cache needs an explicit mask once its window wraps.
-            mask = cache[0].make_mask(inputs.shape[1])
-        elif mask is None and inputs.shape[1] > 1:
+        h = self.dropout(h + positions.astype(h.dtype))
+        if mask is None and cache[0] is not None:
+            mask = cache[0].make_mask(length)
+        elif mask is None and length > 1:
             mask = "causal"
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
-            h = layer(h, mask, layer_cache)
-        return self.layer_norm(h)
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
+            if hidden_states is not None:
+                hidden_states.append(h)
+            # fairseq's LayerDrop: in training, skip the whole layer with this probability.
+            layerdrop = self.config.layerdrop if self.training else 0.0
+            if layerdrop > 0 and mx.random.uniform().item() < layerdrop:
+                continue
+            h = layer(h, mask, layer_cache, None if head_mask is None else head_mask[i], attentions)
+        h = self.layer_norm(h)
+        if hidden_states is not None:
+            hidden_states.append(h)
+        return h
 
-    # The full forward (masks, inputs_embeds, hidden states, attentions, head_mask, training dropout).
+    # The full forward (attention masks, hidden states, attentions, head_mask) packaged as transformers does.
     forward = model_forward
 
 
