@@ -14,6 +14,7 @@ from rich.table import Table
 from mlx_xglm import XGLMError, load
 from mlx_xglm.bench import DTYPES, PRESETS, benchmark, make_agreeing_draft, random_model
 from mlx_xglm.decoding.speculative import check_draft_model
+from mlx_xglm.model.fused import fuse_qkv
 
 EXAMPLES = """\
 examples:
@@ -75,6 +76,8 @@ def _model(args):
         model.set_dtype(DTYPES[args.dtype])
     if args.q_bits is not None:
         nn.quantize(model, group_size=args.q_group_size, bits=args.q_bits)
+    if args.dtype or args.q_bits is not None:
+        fuse_qkv(model)  # again: the new dtype or quantization replaced the weights load() had fused
     mx.eval(model.parameters())
     return model, {"model": args.model, "layers": model.config.num_layers}
 

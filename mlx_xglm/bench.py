@@ -16,6 +16,7 @@ from .decoding.cache import make_prompt_cache
 from .decoding.generate import generate_step
 from .decoding.speculative import speculative_generate_step
 from .errors import XGLMError
+from .model.fused import fuse_qkv
 from .model.xglm import XGLMConfig, XGLMForCausalLM
 
 # The shapes of the released checkpoints (XGLM.md); all share vocab 256008 and 2048 positions.
@@ -52,6 +53,7 @@ def random_model(
     model.set_dtype(DTYPES[dtype])
     if q_bits is not None:
         nn.quantize(model, group_size=q_group_size, bits=q_bits)
+    fuse_qkv(model)
     mx.eval(model.parameters())
     model.eval()
     return model

@@ -11,6 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import XGLMError
+from ..model.fused import fuse_qkv
 from ..model.xglm import XGLMConfig, XGLMForCausalLM
 from ..tokenization.tokenizer import VOCAB_FILE, XGLMTokenizer
 from .hub import snapshot
@@ -187,6 +188,7 @@ def load_model(model_path: Path, lazy: bool = False) -> XGLMForCausalLM:
         apply_quantization(model, config_dict["quantization"], set(weights))
     check_weights(model, weights, model_path)
     model.load_weights(list(weights.items()))
+    fuse_qkv(model)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,11 +17,16 @@ import numpy as np
 
 from ..decoding.cache import KVCache
 from .forward import causal_lm_forward, model_forward
+from .fused import fused_in_place, project_qkv
 from .masks import additive_mask
 
 # fairseq reserves rows 0 and 1 of the position table (row 1 is the padding row), so the first real token
 # reads row 2.
 POSITION_OFFSET = 2
+# At inference, inputs of at most this many positions per row (decoding steps, speculative checks) run each
+# layer's cache-free parts compiled: the host then builds a few nodes per layer instead of dozens, which is
+# what bounds a small model's decoding. Longer inputs (prompts) are bound by arithmetic and run as written.
+COMPILE_MAX_LENGTH = 8
 
 
 @dataclass
@@ -92,21 +98,26 @@ class XGLMSinusoidalPositionalEmbedding(nn.Module):
         # Underscored: a buffer, not a parameter, so it is neither loaded, saved nor quantized.
         self._table = mx.array(sinusoidal_table(num_positions + POSITION_OFFSET, dim, padding_idx))
 
-    def __call__(self, position_ids: mx.array) -> mx.array:
-        """Rows for `position_ids` (0-based token positions, any shape)."""
+    def __call__(self, position_ids: mx.array, dtype=mx.float32) -> mx.array:
+        """Rows for `position_ids` (0-based token positions, any shape), in `dtype`."""
         needed = int(position_ids.max().item()) + POSITION_OFFSET + 1 if position_ids.size else 0
+        return self._rows(needed, dtype)[position_ids + POSITION_OFFSET]
+
+    def range(self, start: int, length: int, dtype=mx.float32) -> mx.array:
+        """Rows for positions start..start+length-1 in `dtype`, reading nothing back from the device."""
+        end = start + length + POSITION_OFFSET
+        return self._rows(end, dtype)[start + POSITION_OFFSET : end]
+
+    def _rows(self, needed: int, dtype) -> mx.array:
+        """The table with at least `needed` rows, in `dtype`: cast once per dtype, not at every step."""
         if needed > self._table.shape[0]:
             size = max(needed, 2 * self._table.shape[0])
             self._table = mx.array(sinusoidal_table(size, self.dim, self.padding_idx))
-        return self._table[position_ids + POSITION_OFFSET]
-
-    def range(self, start: int, length: int) -> mx.array:
-        """Rows for positions start..start+length-1 without reading anything back from the device."""
-        end = start + length + POSITION_OFFSET
-        if end > self._table.shape[0]:
-            size = max(end, 2 * self._table.shape[0])
-            self._table = mx.array(sinusoidal_table(size, self.dim, self.padding_idx))
-        return self._table[start + POSITION_OFFSET : end]
+        if dtype == self._table.dtype:
+            return self._table
+        if self.get("_cast") is None or self._cast.dtype != dtype or len(self._cast) != len(self._table):
+            self._cast = self._table.astype(dtype)
+        return self._cast
 
 
 class XGLMAttention(nn.Module):
@@ -128,12 +139,18 @@ class XGLMAttention(nn.Module):
         self.dropout = nn.Dropout(config.attention_dropout)
 
     def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Queries, keys and values [B, heads, L, head_dim] of `x`."""
+        """Queries, keys and values [B, heads, L, head_dim] of `x`, in one matmul where q/k/v are fused."""
         B, L, _ = x.shape
-        return tuple(
-            proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        if "_qkv_sources" in self and not self.training:
+            parts = mx.split(project_qkv(self, x), 3, axis=-1)
+        else:
+            parts = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return tuple(p.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for p in parts)
+
+    def output(self, out: mx.array) -> mx.array:
+        """The heads' outputs [B, heads, L, head_dim] merged and projected back to [B, L, d_model]."""
+        B, _, L, _ = out.shape
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def __call__(self, x: mx.array, mask=None, cache=None, head_mask=None, attentions=None) -> mx.array:
         """Attention output [B, L, d_model]; `mask` is None, "causal", boolean or additive over [L, S].
@@ -142,10 +159,15 @@ class XGLMAttention(nn.Module):
         L, S]. Either, or attention dropout in training mode, spells the attention out; otherwise the fused
         kernel runs.
         """
-        B, L, _ = x.shape
+        fused_in_place(self)
         q, k, v = self.project(x)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
+        return self.output(self.attend(q, k, v, mask, head_mask, attentions))
+
+    def attend(self, q, k, v, mask=None, head_mask=None, attentions=None) -> mx.array:
+        """Each head's attention output [B, heads, L, head_dim]; the options are those of `__call__`."""
+        L = q.shape[2]
         if attentions is None and head_mask is None and not (self.training and self.dropout_p > 0):
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         else:
@@ -158,7 +180,7 @@ class XGLMAttention(nn.Module):
             if attentions is not None:
                 attentions.append(probs)
             out = self.dropout(probs) @ v
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return out
 
 
 class XGLMDecoderLayer(nn.Module):
@@ -182,9 +204,39 @@ class XGLMDecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, mask=None, cache=None, head_mask=None, attentions=None) -> mx.array:
         """The block's output; the options are those of `XGLMAttention.__call__`."""
-        x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), mask, cache, head_mask, attentions))
+        before, after = self._halves(x)
+        q, k, v = before(x)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        return after(x, self.self_attn.attend(q, k, v, mask, head_mask, attentions))
+
+    def _before_cache(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        return self.self_attn.project(self.self_attn_layer_norm(x))
+
+    def _after_cache(self, x: mx.array, attended: mx.array) -> mx.array:
+        x = x + self.dropout(self.self_attn.output(attended))
         h = self.activation_dropout(self.activation(self.fc1(self.final_layer_norm(x))))
         return x + self.dropout(self.fc2(h))
+
+    def _halves(self, x: mx.array):
+        """The block's parts before and after the cache, compiled for short inputs at inference.
+
+        The compiled functions read the layer's arrays at every call (`inputs=self.state`), so new
+        weights, quantized or adapted modules are picked up; a changed set of arrays retraces them.
+        """
+        fused_in_place(self.self_attn)
+        if self.training or x.shape[1] > COMPILE_MAX_LENGTH:
+            return self._before_cache, self._after_cache
+        if getattr(self, "_compiled_before", None) is None:
+            self._compiled_before = mx.compile(self._before_cache, inputs=self.state)
+            self._compiled_after = mx.compile(self._after_cache, inputs=self.state)
+        return self._compiled_before, self._compiled_after
+
+
+@partial(mx.compile, shapeless=True)
+def _scale_and_add(embeddings: mx.array, scale: float, positions: mx.array) -> mx.array:
+    # One kernel instead of a multiply and an add at every step.
+    return embeddings * scale + positions
 
 
 class XGLMModel(nn.Module):
@@ -223,14 +275,15 @@ class XGLMModel(nn.Module):
         (then the output) and attention probabilities. In training mode dropout and layerdrop act.
         """
         cache = cache if cache is not None else [None] * len(self.layers)
-        h = self.embed_tokens(inputs) * self.embed_scale if inputs_embeds is None else inputs_embeds
+        h = self.embed_tokens(inputs) if inputs_embeds is None else inputs_embeds
         length = h.shape[1]
         if position_ids is None:
             offset = cache[0].offset if cache[0] is not None else 0
-            positions = self.embed_positions.range(offset, length)
+            positions = self.embed_positions.range(offset, length, h.dtype)
         else:
-            positions = self.embed_positions(position_ids)
-        h = self.dropout(h + positions.astype(h.dtype))
+            positions = self.embed_positions(position_ids, h.dtype)
+        scale = self.embed_scale if inputs_embeds is None else 1.0
+        h = self.dropout(_scale_and_add(h, scale, positions))
         if mask is None and cache[0] is not None:
             mask = cache[0].make_mask(length)
         elif mask is None and length > 1:

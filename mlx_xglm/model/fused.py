@@ -1,0 +1,91 @@
+"""One q/k/v projection per attention layer, made at load time from the checkpoint's three.
+
+Checkpoints, `convert` output and quantization recipes keep `q_proj`, `k_proj` and `v_proj`. `fuse_qkv`
+concatenates each layer's three matrices (and biases, scales) into one buffer and makes the three
+modules' arrays views of it, so memory does not grow and the names stay. A layer is fused only where the
+three share a format: all float, or all quantized with the same bits, group size and mode (a recipe that
+gives `v_proj` more bits leaves its layers separate), and all plain Linear/QuantizedLinear (a projection
+wrapped in a LoRA adapter is left alone). Once any of the three is replaced (training, `set_dtype`,
+quantizing, an adapter), the layer drops the fused buffer and goes back to its separate projections.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# Arrays of a projection, in the order QuantizedLinear/Linear keep them; the fused copies are named
+# "_qkv_" + name: underscored, so they are neither parameters nor saved, loaded or quantized.
+FIELDS = ("weight", "scales", "biases", "bias")
+
+
+def _format(module: nn.Module) -> tuple | None:
+    if type(module) is nn.Linear:
+        return ("float", tuple(sorted(module)))
+    if type(module) is nn.QuantizedLinear:
+        return ("quantized", module.group_size, module.bits, module.mode, tuple(sorted(module)))
+    return None
+
+
+def _drop(attention: nn.Module) -> None:
+    for name in (*FIELDS, "sources"):
+        attention.pop(f"_qkv_{name}", None)
+
+
+def fuse_qkv(model: nn.Module) -> int:
+    """Give every attention layer of `model` whose q/k/v share a format one fused projection; returns
+    how many layers were fused. Lazy like the weights (evaluate the parameters to build it now); safe to
+    call again, e.g. after quantizing or changing the dtype."""
+    fused = 0
+    for layer in model.layers:
+        attention = layer.self_attn
+        _drop(attention)
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        formats = {_format(p) for p in projections}
+        if len(formats) != 1 or None in formats:
+            continue
+        for name in FIELDS:
+            if name not in attention.q_proj:
+                continue
+            whole = mx.concatenate([p[name] for p in projections])
+            start = 0
+            for p in projections:
+                rows = p[name].shape[0]
+                p[name] = whole[start : start + rows]
+                start += rows
+            attention[f"_qkv_{name}"] = whole
+        attention["_qkv_sources"] = tuple(p["weight"] for p in projections)
+        fused += 1
+    return fused
+
+
+def fused_in_place(attention: nn.Module) -> bool:
+    """True while the layer's fused projection still matches its q/k/v; drops it once one was replaced."""
+    sources = attention.get("_qkv_sources")
+    if sources is None:
+        return False
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    if all(p.get("weight") is s for p, s in zip(projections, sources, strict=True)):
+        return True
+    _drop(attention)
+    return False
+
+
+def project_qkv(attention: nn.Module, x: mx.array) -> mx.array:
+    """`x` through the fused projection: queries, keys and values side by side on the last axis."""
+    if "_qkv_scales" in attention:
+        q = attention.q_proj
+        y = mx.quantized_matmul(
+            x,
+            attention["_qkv_weight"],
+            scales=attention["_qkv_scales"],
+            biases=attention.get("_qkv_biases"),
+            transpose=True,
+            group_size=q.group_size,
+            bits=q.bits,
+            mode=q.mode,
+        )
+        return y + attention["_qkv_bias"] if "_qkv_bias" in attention else y
+    if "_qkv_bias" in attention:
+        return mx.addmm(attention["_qkv_bias"], x, attention["_qkv_weight"].T)
+    return x @ attention["_qkv_weight"].T
