@@ -19,6 +19,17 @@ import mlx.nn as nn
 FIELDS = ("weight", "scales", "biases", "bias")
 
 
+class _Sources:
+    """The q/k/v weight arrays a fused buffer stands for: a plain attribute, outside the module tree."""
+
+    def __init__(self, attention: nn.Module):
+        self.arrays = tuple(p.get("weight") for p in (attention.q_proj, attention.k_proj, attention.v_proj))
+
+    def match(self, attention: nn.Module) -> bool:
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        return all(p.get("weight") is a for p, a in zip(projections, self.arrays, strict=True))
+
+
 def _format(module: nn.Module) -> tuple | None:
     if type(module) is nn.Linear:
         return ("float", tuple(sorted(module)))
@@ -28,8 +39,9 @@ def _format(module: nn.Module) -> tuple | None:
 
 
 def _drop(attention: nn.Module) -> None:
-    for name in (*FIELDS, "sources"):
+    for name in FIELDS:
         attention.pop(f"_qkv_{name}", None)
+    attention._qkv_sources = None
 
 
 def fuse_qkv(model: nn.Module) -> int:
@@ -54,18 +66,17 @@ def fuse_qkv(model: nn.Module) -> int:
                 p[name] = whole[start : start + rows]
                 start += rows
             attention[f"_qkv_{name}"] = whole
-        attention["_qkv_sources"] = tuple(p["weight"] for p in projections)
+        attention._qkv_sources = _Sources(attention)
         fused += 1
     return fused
 
 
 def fused_in_place(attention: nn.Module) -> bool:
     """True while the layer's fused projection still matches its q/k/v; drops it once one was replaced."""
-    sources = attention.get("_qkv_sources")
+    sources = getattr(attention, "_qkv_sources", None)
     if sources is None:
         return False
-    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-    if all(p.get("weight") is s for p, s in zip(projections, sources, strict=True)):
+    if sources.match(attention):
         return True
     _drop(attention)
     return False
@@ -89,3 +100,48 @@ def project_qkv(attention: nn.Module, x: mx.array) -> mx.array:
     if "_qkv_bias" in attention:
         return mx.addmm(attention["_qkv_bias"], x, attention["_qkv_weight"].T)
     return x @ attention["_qkv_weight"].T
+
+
+class CompiledHalves:
+    """A layer's two cache-free halves (`_before_cache`, `_after_cache`) compiled over its arrays.
+
+    The arrays go in as explicit arguments, gathered from the layer's modules at every call, so new
+    weights are always read; while tracing, the tracers stand in for them inside the real modules, so the
+    compiled graph is exactly the layer's own math, whatever the modules are (quantized, adapted). A
+    replaced submodule or a changed set of arrays makes `valid()` false, and the caller builds anew.
+    """
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        modules = [m for _, m in layer.named_modules()]
+        self.children = [
+            (parent, key, child)
+            for parent in modules
+            for key, child in parent.items()
+            if isinstance(child, nn.Module)
+        ]
+        self.sizes = [(m, len(m)) for m in modules]
+        self.slots = [(m, k) for m in modules for k, v in m.items() if isinstance(v, mx.array)]
+        self.before = mx.compile(self._traced(layer._before_cache))
+        self.after = mx.compile(self._traced(layer._after_cache))
+
+    def valid(self) -> bool:
+        return all(parent.get(key) is child for parent, key, child in self.children) and all(
+            len(m) == size for m, size in self.sizes
+        )
+
+    def arrays(self) -> list[mx.array]:
+        return [m[k] for m, k in self.slots]
+
+    def _traced(self, method):
+        def run(arrays, *args):
+            originals = self.arrays()
+            for (m, k), tracer in zip(self.slots, arrays, strict=True):
+                m[k] = tracer
+            try:
+                return method(*args)
+            finally:
+                for (m, k), original in zip(self.slots, originals, strict=True):
+                    m[k] = original
+
+        return run

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..decoding.cache import KVCache
 from .forward import causal_lm_forward, model_forward
-from .fused import fused_in_place, project_qkv
+from .fused import CompiledHalves, fused_in_place, project_qkv
 from .masks import additive_mask
 
 # fairseq reserves rows 0 and 1 of the position table (row 1 is the padding row), so the first real token
@@ -141,16 +141,21 @@ class XGLMAttention(nn.Module):
     def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Queries, keys and values [B, heads, L, head_dim] of `x`, in one matmul where q/k/v are fused."""
         B, L, _ = x.shape
-        if "_qkv_sources" in self and not self.training:
+        # Rows of one matrix, not [B, L, d]: a matmul over 3-D input adds two reshapes to each step.
+        x = x.reshape(B * L, -1)
+        if "_qkv_weight" in self and not self.training:
             parts = mx.split(project_qkv(self, x), 3, axis=-1)
         else:
             parts = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if L == 1:  # one position per row: the head split needs no transpose
+            return tuple(p.reshape(B, self.num_heads, 1, -1) for p in parts)
         return tuple(p.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for p in parts)
 
     def output(self, out: mx.array) -> mx.array:
-        """The heads' outputs [B, heads, L, head_dim] merged and projected back to [B, L, d_model]."""
+        """The heads' outputs [B, heads, L, head_dim] merged and projected back, [B * L, d_model]."""
         B, _, L, _ = out.shape
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        merged = out.reshape(B, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B * L, -1)
+        return self.out_proj(merged)
 
     def __call__(self, x: mx.array, mask=None, cache=None, head_mask=None, attentions=None) -> mx.array:
         """Attention output [B, L, d_model]; `mask` is None, "causal", boolean or additive over [L, S].
@@ -163,7 +168,7 @@ class XGLMAttention(nn.Module):
         q, k, v = self.project(x)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        return self.output(self.attend(q, k, v, mask, head_mask, attentions))
+        return self.output(self.attend(q, k, v, mask, head_mask, attentions)).reshape(x.shape)
 
     def attend(self, q, k, v, mask=None, head_mask=None, attentions=None) -> mx.array:
         """Each head's attention output [B, heads, L, head_dim]; the options are those of `__call__`."""
@@ -204,39 +209,47 @@ class XGLMDecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, mask=None, cache=None, head_mask=None, attentions=None) -> mx.array:
         """The block's output; the options are those of `XGLMAttention.__call__`."""
-        before, after = self._halves(x)
-        q, k, v = before(x)
+        fused_in_place(self.self_attn)
+        if self.training or x.shape[1] > COMPILE_MAX_LENGTH:
+            q, k, v = self._before_cache(x)
+        else:
+            compiled = self._compiled()
+            arrays = compiled.arrays()
+            q, k, v = compiled.before(arrays, x)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        return after(x, self.self_attn.attend(q, k, v, mask, head_mask, attentions))
+        attended = self.self_attn.attend(q, k, v, mask, head_mask, attentions)
+        if self.training or x.shape[1] > COMPILE_MAX_LENGTH:
+            return self._after_cache(x, attended)
+        return compiled.after(arrays, x, attended)
 
     def _before_cache(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         return self.self_attn.project(self.self_attn_layer_norm(x))
 
     def _after_cache(self, x: mx.array, attended: mx.array) -> mx.array:
-        x = x + self.dropout(self.self_attn.output(attended))
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]) + self.dropout(self.self_attn.output(attended))
         h = self.activation_dropout(self.activation(self.fc1(self.final_layer_norm(x))))
-        return x + self.dropout(self.fc2(h))
+        return (x + self.dropout(self.fc2(h))).reshape(shape)
 
-    def _halves(self, x: mx.array):
-        """The block's parts before and after the cache, compiled for short inputs at inference.
-
-        The compiled functions read the layer's arrays at every call (`inputs=self.state`), so new
-        weights, quantized or adapted modules are picked up; a changed set of arrays retraces them.
-        """
-        fused_in_place(self.self_attn)
-        if self.training or x.shape[1] > COMPILE_MAX_LENGTH:
-            return self._before_cache, self._after_cache
-        if getattr(self, "_compiled_before", None) is None:
-            self._compiled_before = mx.compile(self._before_cache, inputs=self.state)
-            self._compiled_after = mx.compile(self._after_cache, inputs=self.state)
-        return self._compiled_before, self._compiled_after
+    def _compiled(self) -> CompiledHalves:
+        """The halves compiled over the layer's arrays (see fused.py), rebuilt when its modules change."""
+        compiled = getattr(self, "_compiled_halves", None)
+        if compiled is None or not compiled.valid():
+            compiled = self._compiled_halves = CompiledHalves(self)
+        return compiled
 
 
 @partial(mx.compile, shapeless=True)
 def _scale_and_add(embeddings: mx.array, scale: float, positions: mx.array) -> mx.array:
     # One kernel instead of a multiply and an add at every step.
     return embeddings * scale + positions
+
+
+@mx.compile
+def _layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    # On the CPU the fast LayerNorm is a dozen small ops; compiled, a few.
+    return mx.fast.layer_norm(x, weight, bias, eps)
 
 
 class XGLMModel(nn.Module):
@@ -296,7 +309,11 @@ class XGLMModel(nn.Module):
             if layerdrop > 0 and mx.random.uniform().item() < layerdrop:
                 continue
             h = layer(h, mask, layer_cache, None if head_mask is None else head_mask[i], attentions)
-        h = self.layer_norm(h)
+        if self.training or length > COMPILE_MAX_LENGTH:
+            h = self.layer_norm(h)
+        else:
+            norm = self.layer_norm
+            h = _layer_norm(h, norm.weight, norm.bias, norm.eps)
         if hidden_states is not None:
             hidden_states.append(h)
         return h
