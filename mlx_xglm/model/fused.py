@@ -23,11 +23,21 @@ class _Sources:
     """The q/k/v weight arrays a fused buffer stands for: a plain attribute, outside the module tree."""
 
     def __init__(self, attention: nn.Module):
-        self.arrays = tuple(p.get("weight") for p in (attention.q_proj, attention.k_proj, attention.v_proj))
+        self.arrays = self._weights(attention)
+
+    @staticmethod
+    def _weights(attention: nn.Module) -> tuple:
+        # Item access, not attributes: this runs at every decoding step.
+        return (
+            attention["q_proj"].get("weight"),
+            attention["k_proj"].get("weight"),
+            attention["v_proj"].get("weight"),
+        )
 
     def match(self, attention: nn.Module) -> bool:
-        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-        return all(p.get("weight") is a for p, a in zip(projections, self.arrays, strict=True))
+        a, b, c = self._weights(attention)
+        q, k, v = self.arrays
+        return a is q and b is k and c is v
 
 
 def _format(module: nn.Module) -> tuple | None:
@@ -103,16 +113,16 @@ def project_qkv(attention: nn.Module, x: mx.array) -> mx.array:
 
 
 class CompiledHalves:
-    """A layer's two cache-free halves (`_before_cache`, `_after_cache`) compiled over its arrays.
+    """A layer's two cache-free halves compiled over the arrays of the modules each one reads.
 
-    The arrays go in as explicit arguments, gathered from the layer's modules at every call, so new
-    weights are always read; while tracing, the tracers stand in for them inside the real modules, so the
-    compiled graph is exactly the layer's own math, whatever the modules are (quantized, adapted). A
-    replaced submodule or a changed set of arrays makes `valid()` false, and the caller builds anew.
+    `halves` pairs each method (`layer._before_cache`, `layer._after_cache`) with those modules. The
+    arrays go in as explicit arguments, gathered at every call, so new weights are always read; while
+    tracing, the tracers stand in for them inside the real modules, so the compiled graph is exactly the
+    layer's own math, whatever the modules are (quantized, adapted). A replaced submodule or a changed set
+    of arrays makes `valid()` false, and the caller builds anew.
     """
 
-    def __init__(self, layer: nn.Module):
-        self.layer = layer
+    def __init__(self, layer: nn.Module, halves):
         modules = [m for _, m in layer.named_modules()]
         self.children = [
             (parent, key, child)
@@ -121,27 +131,32 @@ class CompiledHalves:
             if isinstance(child, nn.Module)
         ]
         self.sizes = [(m, len(m)) for m in modules]
-        self.slots = [(m, k) for m in modules for k, v in m.items() if isinstance(v, mx.array)]
-        self.before = mx.compile(self._traced(layer._before_cache))
-        self.after = mx.compile(self._traced(layer._after_cache))
+        self.calls = []
+        for method, owners in halves:
+            owned = [m for owner in owners for _, m in owner.named_modules()]
+            slots = [(m, k) for m in owned for k, v in m.items() if isinstance(v, mx.array)]
+            self.calls.append((slots, mx.compile(self._traced(method, slots))))
 
     def valid(self) -> bool:
-        return all(parent.get(key) is child for parent, key, child in self.children) and all(
-            len(m) == size for m, size in self.sizes
-        )
+        for parent, key, child in self.children:
+            if parent.get(key) is not child:
+                return False
+        return all(len(m) == size for m, size in self.sizes)
 
-    def arrays(self) -> list[mx.array]:
-        return [m[k] for m, k in self.slots]
+    def __call__(self, half: int, *args):
+        slots, compiled = self.calls[half]
+        return compiled([m[k] for m, k in slots], *args)
 
-    def _traced(self, method):
+    @staticmethod
+    def _traced(method, slots):
         def run(arrays, *args):
-            originals = self.arrays()
-            for (m, k), tracer in zip(self.slots, arrays, strict=True):
+            originals = [m[k] for m, k in slots]
+            for (m, k), tracer in zip(slots, arrays, strict=True):
                 m[k] = tracer
             try:
                 return method(*args)
             finally:
-                for (m, k), original in zip(self.slots, originals, strict=True):
+                for (m, k), original in zip(slots, originals, strict=True):
                     m[k] = original
 
         return run

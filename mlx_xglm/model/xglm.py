@@ -214,14 +214,13 @@ class XGLMDecoderLayer(nn.Module):
             q, k, v = self._before_cache(x)
         else:
             compiled = self._compiled()
-            arrays = compiled.arrays()
-            q, k, v = compiled.before(arrays, x)
+            q, k, v = compiled(0, x)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         attended = self.self_attn.attend(q, k, v, mask, head_mask, attentions)
         if self.training or x.shape[1] > COMPILE_MAX_LENGTH:
             return self._after_cache(x, attended)
-        return compiled.after(arrays, x, attended)
+        return compiled(1, x, attended)
 
     def _before_cache(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         return self.self_attn.project(self.self_attn_layer_norm(x))
@@ -236,7 +235,12 @@ class XGLMDecoderLayer(nn.Module):
         """The halves compiled over the layer's arrays (see fused.py), rebuilt when its modules change."""
         compiled = getattr(self, "_compiled_halves", None)
         if compiled is None or not compiled.valid():
-            compiled = self._compiled_halves = CompiledHalves(self)
+            attention = self.self_attn
+            halves = [
+                (self._before_cache, [self.self_attn_layer_norm, attention]),
+                (self._after_cache, [attention.out_proj, self.final_layer_norm, self.fc1, self.fc2]),
+            ]
+            compiled = self._compiled_halves = CompiledHalves(self, halves)
         return compiled
 
 
