@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .checkpoints import convert, load
 from .decoding import (
+    BatchGenerator,
     batch_generate,
     generate,
     generate_step,
@@ -24,6 +25,7 @@ except PackageNotFoundError:
     __version__ = "0.0.0"
 
 __all__ = [
+    "BatchGenerator",
     "BatchEncoding",
     "XGLMCausalLMOutput",
     "XGLMModelOutput",

@@ -1,25 +1,12 @@
-"""Batched decoding: several prompts, left-padded, each row equal to its unbatched output."""
+"""batch_generate: several prompts decoded together by the engine, each row equal to its unbatched output."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
-import mlx.core as mx
-
-from .generate import CLEAR_CACHE_EVERY, TextStream, generation_stream, print_stats
-from .sample_utils import LogitsProcessor, Sampler, greedy
-
-
-@dataclass
-class BatchStats:
-    prompt_tokens: int = 0
-    prompt_tps: float = 0.0
-    prompt_time: float = 0.0
-    generation_tokens: int = 0
-    generation_tps: float = 0.0
-    generation_time: float = 0.0
-    peak_memory: float = 0.0
+from .engine import BatchGenerator, BatchStats
+from .generate import TextStream, _prompt_ids, print_stats
+from .sample_utils import LogitsProcessor, Sampler
 
 
 @dataclass
@@ -30,18 +17,6 @@ class BatchResponse:
     token_ids: list[list[int]]
     finish_reasons: list[str]
     stats: BatchStats = field(default_factory=BatchStats)
-
-
-def _pad_mask(key_real: mx.array, length: int, dtype) -> mx.array:
-    """Additive mask [B, 1, length, S] for the last `length` queries: causal, pad keys hidden.
-
-    Each query may always see itself, so the rows of pad queries stay finite.
-    """
-    S = key_real.shape[1]
-    key_pos = mx.arange(S)[None]
-    query_pos = mx.arange(S - length, S)[:, None]
-    allowed = ((key_pos <= query_pos) & key_real[:, None, :]) | (key_pos == query_pos)
-    return mx.where(allowed[:, None], 0.0, -float("inf")).astype(dtype)
 
 
 def batch_generate(
@@ -55,91 +30,56 @@ def batch_generate(
     stop: str | list[str] | None = None,
     newlines: str = "space",
     prefill_step_size: int = 512,
+    max_kv_size: int | None = None,
+    prompt_cache: list | None = None,
+    completion_batch_size: int = 32,
     verbose: bool = False,
 ) -> BatchResponse:
     """Generate for several prompts at once; each row ends on its own and equals its unbatched output.
 
-    Prompts (texts or id lists) are left-padded; positions count real tokens only and masks hide the pad
-    keys, in prefill and decoding. `sampler`, `logits_processors`, `stop` and `newlines` act per row as in
-    `stream_generate`; `verbose` prints the stats footer.
+    Prompts (texts or id lists) decode together in a `BatchGenerator` (left-padded, positions counted
+    over real tokens, at most `completion_batch_size` at a time). `sampler`, `logits_processors`, `stop`,
+    `newlines` and `max_kv_size` act per row as in `stream_generate`. `prompt_cache` continues every row
+    from one cache (e.g. a shared prefix) or, given as a list of caches, each row from its own; the caches
+    are read, not changed, and a rotating one's window is the default `max_kv_size`. `verbose` prints the
+    stats footer.
     """
-    rows = [tokenizer.encode(p, newlines=newlines) if isinstance(p, str) else list(p) for p in prompts]
+    if prompt_cache is not None and prompt_cache and isinstance(prompt_cache[0], list):
+        caches = list(prompt_cache)
+        if len(caches) != len(prompts):
+            raise ValueError(f"prompt_cache holds {len(caches)} caches for {len(prompts)} prompts")
+    else:
+        caches = [prompt_cache] * len(prompts)
+    if prompt_cache is not None and max_kv_size is None:
+        max_kv_size = getattr(caches[0][0], "max_size", None)
+    rows = [_prompt_ids(tokenizer, p, c, newlines).tolist() for p, c in zip(prompts, caches, strict=True)]
     if not rows or any(not r for r in rows):
         raise ValueError("batch_generate needs at least one prompt, and no prompt may be empty")
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    inputs = mx.array([[pad] * (width - len(r)) + r for r in rows])
-    key_real = mx.array([[False] * (width - len(r)) + [True] * len(r) for r in rows])
-    positions = mx.cumsum(key_real.astype(mx.int32), axis=1) - 1
-    dtype = model.model.layer_norm.weight.dtype
-    cache = model.make_cache()
-    sampler = sampler or greedy
-    streams = [TextStream(tokenizer, stop, newlines) for _ in rows]
-    history = [mx.array(r) for r in rows]
-    out_ids: list[list[int]] = [[] for _ in rows]
-    texts = ["" for _ in rows]
-
-    tic = time.perf_counter()
-    with mx.stream(generation_stream):
-        for start in range(0, width, prefill_step_size):
-            end = min(start + prefill_step_size, width)
-            logits = model(
-                inputs[:, start:end],
-                cache=cache,
-                mask=_pad_mask(key_real[:, :end], end - start, dtype),
-                position_ids=positions[:, start:end],
-                logits_to_keep=1,
-            )
-            mx.eval([c.state for c in cache])
-        last_pos = positions[:, -1:]
-    prompt_time = time.perf_counter() - tic
-    tic = time.perf_counter()
-    logits = logits[:, -1, :]
-    live = list(range(len(rows)))
-    for n in range(max_tokens):
-        with mx.stream(generation_stream):
-            if logits_processors:
-                row_logits = []
-                for b in range(len(rows)):
-                    row = logits[b : b + 1]
-                    for processor in logits_processors:
-                        row = processor(history[b], row)
-                    row_logits.append(row)
-                logits = mx.concatenate(row_logits, axis=0)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            y = sampler(logprobs)
-            mx.async_eval(y)
-        tokens = y.tolist()
-        for b in list(live):
-            out_ids[b].append(tokens[b])
-            texts[b] += streams[b].add(tokens[b])
-            if streams[b].finish_reason is None and n + 1 == max_tokens:
-                streams[b].finish_reason = "length"
-                texts[b] += streams[b].flush()
-            if streams[b].finish_reason is not None:
-                live.remove(b)
-        if not live:
-            break
-        with mx.stream(generation_stream):
-            if logits_processors:
-                history = [mx.concatenate([h, y[b : b + 1]]) for b, h in enumerate(history)]
-            key_real = mx.concatenate([key_real, mx.ones((len(rows), 1), mx.bool_)], axis=1)
-            last_pos = last_pos + 1
-            logits = model(y[:, None], cache=cache, mask=_pad_mask(key_real, 1, dtype), position_ids=last_pos)
-            logits = logits[:, -1, :]
-        if n % CLEAR_CACHE_EVERY == 0:
-            mx.clear_cache()
-    generation_time = time.perf_counter() - tic
-    generated = sum(len(i) for i in out_ids)
-    stats = BatchStats(
-        prompt_tokens=sum(len(r) for r in rows),
-        prompt_tps=sum(len(r) for r in rows) / max(prompt_time, 1e-9),
-        prompt_time=prompt_time,
-        generation_tokens=generated,
-        generation_tps=generated / max(generation_time, 1e-9),
-        generation_time=generation_time,
-        peak_memory=mx.get_peak_memory() / 1e9,
+    gen = BatchGenerator(
+        model,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        completion_batch_size=completion_batch_size,
+        prefill_step_size=prefill_step_size,
+        max_kv_size=max_kv_size,
     )
+    uids = gen.insert(
+        rows, caches=None if prompt_cache is None else caches, logits_processors=logits_processors
+    )
+    streams = {uid: TextStream(tokenizer, stop, newlines) for uid in uids}
+    texts = {uid: "" for uid in uids}
+    ids: dict[int, list[int]] = {uid: [] for uid in uids}
+    while responses := gen.next():
+        for r in responses:
+            stream = streams[r.uid]
+            ids[r.uid].append(r.token)
+            texts[r.uid] += stream.add(r.token)
+            if stream.finish_reason is None and r.finish_reason == "length":
+                stream.finish_reason = "length"
+                texts[r.uid] += stream.flush()
+            elif stream.finish_reason is not None and r.finish_reason is None:
+                gen.remove([r.uid])
+    stats = gen.stats()
     if verbose:
         print_stats(
             stats.prompt_tokens,
@@ -148,4 +88,6 @@ def batch_generate(
             stats.generation_tps,
             stats.peak_memory,
         )
-    return BatchResponse(texts, out_ids, [s.finish_reason for s in streams], stats)
+    return BatchResponse(
+        [texts[u] for u in uids], [ids[u] for u in uids], [streams[u].finish_reason for u in uids], stats
+    )

@@ -10,10 +10,15 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import XGLMError
+from ..model.masks import Positions, causal, left_padding_mask
 
 
 class _LayerCache:
-    """What both caches share: trimming from the end and their size in bytes."""
+    """What both caches share: trimming from the end, positions of new tokens, their size in bytes.
+
+    The cache protocol (these caches and the batch cache): `offset`, `update_and_fetch(keys, values)`,
+    `make_mask(length, dtype)` and `make_positions(length)` for the next `length` tokens, `state`.
+    """
 
     keys: mx.array | None
     values: mx.array | None
@@ -26,6 +31,10 @@ class _LayerCache:
         n = min(self.offset, n)
         self.offset -= n
         return n
+
+    def make_positions(self, length: int) -> Positions:
+        """Positions of `length` new tokens: they go on from `offset`."""
+        return Positions.range(self.offset, length)
 
     @property
     def nbytes(self) -> int:
@@ -65,9 +74,9 @@ class KVCache(_LayerCache):
         self.values[..., prev:needed, :] = values
         return self.keys[..., :needed, :], self.values[..., :needed, :]
 
-    def make_mask(self, length: int):
+    def make_mask(self, length: int, dtype=mx.float32):
         """The attention mask for `length` new queries: causal, aligned to the end of the keys."""
-        return "causal" if length > 1 else None
+        return causal(length)
 
     @property
     def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
@@ -155,16 +164,12 @@ class RotatingKVCache(_LayerCache):
         self.offset += 1
         return self.keys[..., : self._kept, :], self.values[..., : self._kept, :]
 
-    def make_mask(self, length: int):
+    def make_mask(self, length: int, dtype=mx.float32):
         """The mask for `length` new queries over the kept window followed by the new keys."""
-        if length == 1:
-            return None
         kept = self._kept
-        if kept + length <= self.max_size:
-            return "causal"
-        key_pos = mx.arange(self.offset - kept, self.offset + length)[None]
-        query_pos = mx.arange(self.offset, self.offset + length)[:, None]
-        return (key_pos <= query_pos) & (key_pos > query_pos - self.max_size)
+        if length == 1 or kept + length <= self.max_size:
+            return causal(length)
+        return left_padding_mask(mx.zeros((1,), mx.int32), kept, length, self.max_size, dtype)
 
     @property
     def state(self) -> tuple[mx.array, mx.array] | tuple[()]:

@@ -10,11 +10,8 @@ import mlx.core as mx
 
 from ..tokenization.detokenizer import StreamingDetokenizer
 from .cache import check_prompt_cache, make_prompt_cache
+from .rows import CLEAR_CACHE_EVERY, Rows
 from .sample_utils import LogitsProcessor, Sampler, greedy
-
-# Generation runs on its own stream so queued work of the caller does not interleave with it.
-generation_stream = mx.new_stream(mx.default_device())
-CLEAR_CACHE_EVERY = 256
 
 
 def generate_step(
@@ -33,7 +30,8 @@ def generate_step(
     The prompt is read in chunks of `prefill_step_size` tokens. `prompt_cache` (from `make_prompt_cache`
     or `load_prompt_cache`) is updated in place and may already hold earlier tokens: only the new `prompt`
     is read then. Without one, a fresh cache is made, rotating when `max_kv_size` is set. `max_tokens=0`
-    only reads the prompt into the cache. Each step is queued before the previous token is handed out.
+    only reads the prompt into the cache. Each step is queued before the previous token is handed out:
+    this is the one-row case of the engine's `Rows` (see `BatchGenerator`).
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError(f"prompt must be a non-empty 1-D array of token ids, got shape {prompt.shape}")
@@ -43,44 +41,16 @@ def generate_step(
         prompt_cache = make_prompt_cache(model, max_kv_size)
     else:
         check_prompt_cache(model, prompt_cache)
-    sampler = sampler or greedy
-    tokens = prompt
-
-    def step(inputs: mx.array, is_prompt: bool = False) -> tuple[mx.array, mx.array]:
-        nonlocal tokens
-        with mx.stream(generation_stream):
-            logits = model(inputs[None], cache=prompt_cache, logits_to_keep=1)[:, -1, :]
-            if logits_processors:
-                if not is_prompt:
-                    tokens = mx.concatenate([tokens, inputs])
-                for processor in logits_processors:
-                    logits = processor(tokens, logits)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            return sampler(logprobs), logprobs.squeeze(0)
-
-    with mx.stream(generation_stream):
-        while prompt.size > prefill_step_size:
-            model(prompt[:prefill_step_size][None], cache=prompt_cache)
-            mx.eval([c.state for c in prompt_cache])
-            prompt = prompt[prefill_step_size:]
-            mx.clear_cache()
-
-    y, logprobs = step(prompt, is_prompt=True)
-    mx.async_eval(y, logprobs)
-    n = 0
-    while True:
-        if n != max_tokens:
-            next_y, next_logprobs = step(y)
-            mx.async_eval(next_y, next_logprobs)
-        if n == 0:
-            mx.eval(y)
-        if n == max_tokens:
-            break
-        yield y.item(), logprobs
+    history = prompt if logits_processors else None
+    rows = Rows([0], prompt_cache, [sampler or greedy], [logits_processors], [history], [max_tokens])
+    rows.prefill(model, prompt[None], prefill_step_size, sample_next=max_tokens > 0)
+    for n in range(max_tokens):
+        y, logprobs = rows.y, rows.logprobs
+        # Queued even after the last token, so the cache holds every token handed out.
+        rows.step(model)
+        yield y.item(), logprobs[0]
         if n % CLEAR_CACHE_EVERY == 0:
             mx.clear_cache()
-        y, logprobs = next_y, next_logprobs
-        n += 1
 
 
 @dataclass

@@ -18,7 +18,7 @@ import numpy as np
 from ..decoding.cache import KVCache
 from .forward import causal_lm_forward, model_forward
 from .fused import CompiledHalves, fused_in_place, project_qkv
-from .masks import additive_mask
+from .masks import Positions, additive_mask, causal
 
 # fairseq reserves rows 0 and 1 of the position table (row 1 is the padding row), so the first real token
 # reads row 2.
@@ -98,18 +98,15 @@ class XGLMSinusoidalPositionalEmbedding(nn.Module):
         # Underscored: a buffer, not a parameter, so it is neither loaded, saved nor quantized.
         self._table = mx.array(sinusoidal_table(num_positions + POSITION_OFFSET, dim, padding_idx))
 
-    def __call__(self, position_ids: mx.array, dtype=mx.float32) -> mx.array:
-        """Rows for `position_ids` (0-based token positions, any shape), in `dtype`."""
-        needed = int(position_ids.max().item()) + POSITION_OFFSET + 1 if position_ids.size else 0
-        return self._rows(needed, dtype)[position_ids + POSITION_OFFSET]
-
-    def range(self, start: int, length: int, dtype=mx.float32) -> mx.array:
-        """Rows for positions start..start+length-1 in `dtype`, reading nothing back from the device."""
-        end = start + length + POSITION_OFFSET
-        return self._rows(end, dtype)[start + POSITION_OFFSET : end]
+    def __call__(self, positions: Positions, dtype=mx.float32) -> mx.array:
+        """Rows for `positions` in `dtype`: [L, dim] for a shared range, else [B, L, dim]; the table grows
+        to fit, and is cast once per dtype rather than at every step."""
+        table = self._rows(positions.end + POSITION_OFFSET, dtype)
+        if positions.ids is None:
+            return table[positions.start + POSITION_OFFSET : positions.end + POSITION_OFFSET]
+        return table[positions.ids + POSITION_OFFSET]
 
     def _rows(self, needed: int, dtype) -> mx.array:
-        """The table with at least `needed` rows, in `dtype`: cast once per dtype, not at every step."""
         if needed > self._table.shape[0]:
             size = max(needed, 2 * self._table.shape[0])
             self._table = mx.array(sinusoidal_table(size, self.dim, self.padding_idx))
@@ -287,24 +284,22 @@ class XGLMModel(nn.Module):
 
         `cache` is a list of per-layer caches (or None); `mask` an attention mask (boolean or additive)
         broadcastable to [B, heads, L, S], by default the cache's own (plain causal without one);
-        `position_ids` [B, L] 0-based positions, by default the cache's. `head_mask` [layers, heads]
-        scales attention probabilities; lists `hidden_states` and `attentions` receive each layer's input
-        (then the output) and attention probabilities. In training mode dropout and layerdrop act.
+        `position_ids` [B, L] 0-based positions (or `Positions`), by default the cache's. `head_mask`
+        [layers, heads] scales attention probabilities; lists `hidden_states` and `attentions` receive
+        each layer's input (then the output) and attention probabilities. In training mode dropout and
+        layerdrop act.
         """
         cache = cache if cache is not None else [None] * len(self.layers)
         h = self.embed_tokens(inputs) if inputs_embeds is None else inputs_embeds
         length = h.shape[1]
         if position_ids is None:
-            offset = cache[0].offset if cache[0] is not None else 0
-            positions = self.embed_positions.range(offset, length, h.dtype)
+            positions = Positions.range(0, length) if cache[0] is None else cache[0].make_positions(length)
         else:
-            positions = self.embed_positions(position_ids, h.dtype)
+            positions = position_ids if isinstance(position_ids, Positions) else Positions.given(position_ids)
         scale = self.embed_scale if inputs_embeds is None else 1.0
-        h = self.dropout(_scale_and_add(h, scale, positions))
-        if mask is None and cache[0] is not None:
-            mask = cache[0].make_mask(length)
-        elif mask is None and length > 1:
-            mask = "causal"
+        h = self.dropout(_scale_and_add(h, scale, self.embed_positions(positions, h.dtype)))
+        if mask is None:
+            mask = causal(length) if cache[0] is None else cache[0].make_mask(length, h.dtype)
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
             if hidden_states is not None:
                 hidden_states.append(h)

@@ -1,0 +1,115 @@
+"""The KV cache of a batch of rows that decode together, rows joining (`extend`) and leaving (`filter`)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..model.masks import Positions, causal, left_padding_mask, left_padding_positions
+from .cache import KVCache
+
+
+class BatchKVCache(KVCache):
+    """Keys and values of one layer for B rows, [B, heads, S, head_dim], each row's keys at the right.
+
+    Row b holds real keys in columns `left_padding[b]`..`offset - 1` (pads before them); the key in column
+    j has position j + `shifts[b]`. Rows of different lengths therefore share one array, and a step writes
+    one column for every row. With `max_size`, each query sees the `max_size` most recent positions of its
+    row, and when the array is full the columns no row can see any more are dropped, so memory stays
+    bounded. Follows the cache protocol of the single-row caches: `offset`, `update_and_fetch`,
+    `make_mask`, `make_positions`, `state`.
+    """
+
+    def __init__(self, left_padding: list[int], shifts: list[int] | None = None, max_size: int | None = None):
+        super().__init__()
+        if max_size is not None:
+            # Grown in smaller steps, so the columns past the window are few.
+            self.step = min(self.step, max_size)
+        self.left_padding = list(left_padding)
+        # A fresh left-padded row: its first real column holds position 0.
+        self.shifts = [-p for p in left_padding] if shifts is None else list(shifts)
+        self.max_size = max_size
+
+    @classmethod
+    def from_cache(cls, cache, max_size: int | None = None) -> BatchKVCache:
+        """A one-row batch cache holding what the single-row `cache` (KVCache or RotatingKVCache) holds."""
+        state = cache.state
+        kept = state[0].shape[2] if state else 0
+        if max_size is not None and kept > max_size:
+            state, kept = (state[0][..., -max_size:, :], state[1][..., -max_size:, :]), max_size
+        batch = cls([0], [cache.offset - kept], max_size)
+        if state:
+            batch.keys, batch.values = state
+            batch.offset = kept
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.left_padding)
+
+    def _dropped(self, length: int) -> int:
+        """Columns to drop before writing `length` more: only in a full window cache."""
+        if self.max_size is None or self.keys is None or self.offset + length <= self.keys.shape[2]:
+            return 0
+        return max(0, self.offset - self.max_size)
+
+    def _drop(self, n: int) -> None:
+        if n > 0:
+            self.keys = self.keys[..., n : self.offset, :]
+            self.values = self.values[..., n : self.offset, :]
+            self.offset -= n
+            self.left_padding = [max(0, p - n) for p in self.left_padding]
+            self.shifts = [s + n for s in self.shifts]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self._drop(self._dropped(keys.shape[2]))
+        return super().update_and_fetch(keys, values)
+
+    def _layout(self, length: int) -> tuple[int, list[int], list[int]]:
+        """Offset, left padding and shifts as they will be when `length` new columns are written."""
+        n = self._dropped(length)
+        return self.offset - n, [max(0, p - n) for p in self.left_padding], [s + n for s in self.shifts]
+
+    def make_mask(self, length: int, dtype=mx.float32):
+        """The mask of `length` new queries: causal, pads hidden, within the window when one is set."""
+        offset, padding, _ = self._layout(length)
+        window = self.max_size if self.max_size is not None and offset + length > self.max_size else None
+        if not any(padding) and window is None:
+            return causal(length)
+        return left_padding_mask(mx.array(padding), offset, length, window, dtype)
+
+    def make_positions(self, length: int) -> Positions:
+        """Positions of `length` new tokens, per row; one shared range when the rows are aligned."""
+        offset, padding, shifts = self._layout(length)
+        if not any(padding) and len(set(shifts)) == 1:
+            return Positions.range(offset + shifts[0], length)
+        end = offset + length + max(shifts)
+        return left_padding_positions(mx.array(padding), mx.array(shifts), offset, length, end)
+
+    def filter(self, rows: list[int]) -> None:
+        """Keep only `rows` (indices, in the new order); drops the columns no kept row needs."""
+        index = mx.array(rows)
+        self.keys, self.values = self.keys[index], self.values[index]
+        self.left_padding = [self.left_padding[i] for i in rows]
+        self.shifts = [self.shifts[i] for i in rows]
+        self._drop(min(self.left_padding))
+
+    def extend(self, other: BatchKVCache) -> None:
+        """Append the rows of `other` after these, both right-aligned to the wider of the two."""
+        width = max(self.offset, other.offset)
+        keys, values = [], []
+        for cache in (self, other):
+            k, v = cache.state
+            pad = width - cache.offset
+            if pad:
+                k = mx.concatenate([mx.zeros((*k.shape[:2], pad, k.shape[3]), k.dtype), k], axis=2)
+                v = mx.concatenate([mx.zeros((*v.shape[:2], pad, v.shape[3]), v.dtype), v], axis=2)
+            keys.append(k)
+            values.append(v)
+        self.left_padding = [p + width - self.offset for p in self.left_padding] + [
+            p + width - other.offset for p in other.left_padding
+        ]
+        self.shifts = [s - (width - self.offset) for s in self.shifts] + [
+            s - (width - other.offset) for s in other.shifts
+        ]
+        self.keys = mx.concatenate(keys, axis=0)
+        self.values = mx.concatenate(values, axis=0)
+        self.offset = width

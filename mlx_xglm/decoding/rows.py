@@ -1,0 +1,113 @@
+"""The decoding step every loop shares: rows of a batch, their cache, sampling with per-row settings.
+
+`Rows` is what `BatchGenerator` keeps for the rows decoding together and what `generate_step` keeps for
+its one row: the model is called once per step for all rows, logits processors and samplers act per row,
+and each step is queued (`mx.async_eval`) before the tokens of the previous one are read.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .sample_utils import LogitsProcessor, Sampler
+
+# Generation runs on its own stream so queued work of the caller does not interleave with it.
+generation_stream = mx.new_stream(mx.default_device())
+# Freed buffers go back to the system every this many steps.
+CLEAR_CACHE_EVERY = 256
+
+
+def sample(
+    logits: mx.array,
+    samplers: list[Sampler],
+    processors: list[list[LogitsProcessor] | None],
+    histories: list[mx.array | None],
+) -> tuple[mx.array, mx.array]:
+    """Tokens [B] and log-probabilities [B, vocab] from last-position `logits` [B, vocab], row by row.
+
+    Row b's processors see `histories[b]` (its prompt and the tokens generated so far) and its own logits;
+    rows sharing a sampler are sampled in one call.
+    """
+    if any(processors):
+        rows = []
+        for b, row_processors in enumerate(processors):
+            row = logits[b : b + 1]
+            for processor in row_processors or ():
+                row = processor(histories[b], row)
+            rows.append(row)
+        logits = mx.concatenate(rows, axis=0)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    groups: dict[int, list[int]] = {}
+    for b, s in enumerate(samplers):
+        groups.setdefault(id(s), []).append(b)
+    if len(groups) == 1:
+        return samplers[0](logprobs), logprobs
+    order = [b for rows in groups.values() for b in rows]
+    parts = [samplers[rows[0]](logprobs[mx.array(rows)]) for rows in groups.values()]
+    inverse = mx.array(sorted(range(len(order)), key=order.__getitem__))
+    return mx.concatenate(parts)[inverse], logprobs
+
+
+class Rows:
+    """Rows decoding together: their per-layer cache, the tokens sampled last and each row's settings.
+
+    `y` [B] and `logprobs` [B, vocab] are the last step's results, possibly still being computed.
+    """
+
+    def __init__(self, uids, cache, samplers, processors, histories, max_tokens):
+        self.uids = list(uids)
+        self.cache = cache
+        self.samplers = list(samplers)
+        self.processors = list(processors)
+        self.histories = list(histories)
+        self.max_tokens = list(max_tokens)
+        self.counts = [0] * len(self.uids)
+        self.y = self.logprobs = None
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def prefill(self, model, inputs: mx.array, step_size: int, sample_next: bool = True) -> None:
+        """Read `inputs` [B, W] (prompts, left-padded) into the cache in chunks; sample each first token."""
+        with mx.stream(generation_stream):
+            while inputs.shape[1] > step_size:
+                model(inputs[:, :step_size], cache=self.cache)
+                mx.eval([c.state for c in self.cache])
+                inputs = inputs[:, step_size:]
+                mx.clear_cache()
+            logits = model(inputs, cache=self.cache, logits_to_keep=1)[:, -1, :]
+            if not sample_next:
+                mx.eval([c.state for c in self.cache])
+                return
+            self.y, self.logprobs = sample(logits, self.samplers, self.processors, self.histories)
+        mx.async_eval(self.y, self.logprobs)
+
+    def step(self, model) -> None:
+        """Queue the next step from the tokens `y` of the last one."""
+        y = self.y
+        with mx.stream(generation_stream):
+            for b, row_processors in enumerate(self.processors):
+                if row_processors:
+                    self.histories[b] = mx.concatenate([self.histories[b], y[b : b + 1]])
+            logits = model(y[:, None], cache=self.cache)[:, -1, :]
+            self.y, self.logprobs = sample(logits, self.samplers, self.processors, self.histories)
+        mx.async_eval(self.y, self.logprobs)
+
+    def filter(self, keep: list[int]) -> None:
+        """Keep only the rows at indices `keep`."""
+        index = mx.array(keep)
+        self.y, self.logprobs = self.y[index], self.logprobs[index]
+        for c in self.cache:
+            c.filter(keep)
+        for name in ("uids", "samplers", "processors", "histories", "max_tokens", "counts"):
+            values = getattr(self, name)
+            setattr(self, name, [values[i] for i in keep])
+
+    def extend(self, other: Rows) -> None:
+        """Append the rows of `other`; they decode with these from the next step on."""
+        self.y = mx.concatenate([self.y, other.y])
+        self.logprobs = mx.concatenate([self.logprobs, other.logprobs])
+        for c, o in zip(self.cache, other.cache, strict=True):
+            c.extend(o)
+        for name in ("uids", "samplers", "processors", "histories", "max_tokens", "counts"):
+            getattr(self, name).extend(getattr(other, name))
