@@ -11,9 +11,11 @@ from pathlib import Path
 from mlx_xglm import XGLMError, load_prompt_cache, make_prompt_cache, save_prompt_cache, stream_generate
 
 from .options import (
+    add_draft_args,
     add_model_args,
     add_sampling_args,
     help_formatter,
+    load_draft,
     load_model,
     sampling_from,
     seed_from,
@@ -53,6 +55,7 @@ def register(subparsers) -> None:
         "--prompt-file", metavar="PATH", help='read the prompt from a UTF-8 file ("-": stdin)'
     )
     add_sampling_args(parser, max_tokens=100)
+    add_draft_args(parser)
     parser.add_argument(
         "--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)"
     )
@@ -116,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
     renderer = Renderer(quiet=args.quiet or args.json)
     sampling = sampling_from(args)
     model, tokenizer, load_seconds = load_model(args.model, args.revision, renderer.spinner)
+    if args.draft_model is not None and cache_file is not None:
+        raise XGLMError("--draft-model cannot be combined with --prompt-cache-file")
+    draft = load_draft(args, model, tokenizer, renderer.spinner)
 
     if cache_file is not None and cache_file.exists():
         cache = load_prompt_cache(cache_file)
@@ -127,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
             )
     else:
         cache = make_prompt_cache(model, max_kv_size=args.max_kv_size)
+    if draft:
+        cache += make_prompt_cache(draft["draft_model"])
     cached_tokens = cache[0].offset
     # A continued cached prompt must not get the `</s>` that XGLM puts at the start of a document.
     ids = tokenizer.encode(prompt, add_special_tokens=cached_tokens == 0, newlines=args.newlines)
@@ -140,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         stop=[unescape(s) for s in args.stop] or None,
         newlines=args.newlines,
         **sampling,
+        **draft,
     )
 
     text, tokens, last, status = [], [], None, 0

@@ -13,6 +13,7 @@ from .decoding import (
     make_prompt_cache,
     make_sampler,
     save_prompt_cache,
+    speculative_generate_step,
     stream_generate,
 )
 from .errors import XGLMError
@@ -40,6 +41,7 @@ __all__ = [
     "convert",
     "generate",
     "generate_step",
+    "speculative_generate_step",
     "load",
     "load_prompt_cache",
     "make_logits_processors",

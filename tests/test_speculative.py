@@ -1,6 +1,8 @@
 """Speculative decoding: the same greedy tokens as plain decoding, the target's distribution when sampling,
 and both caches trimmed back to the tokens handed out."""
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -204,3 +206,49 @@ def test_bad_arguments_name_their_parameter(target, unrelated_draft, kwargs, par
     with pytest.raises(XGLMError, match=message) as error:
         speculative(target, unrelated_draft, 4, **kwargs)
     assert error.value.param == param
+
+
+def test_stream_generate_with_a_draft_gives_the_same_text(target, unrelated_draft, tiny_checkpoint):
+    from mlx_xglm import XGLMTokenizer, stream_generate
+
+    tokenizer = XGLMTokenizer.from_pretrained(tiny_checkpoint)
+    plain_out = list(stream_generate(target, tokenizer, PROMPT, 16))
+    drafted = list(
+        stream_generate(target, tokenizer, PROMPT, 16, draft_model=unrelated_draft, num_draft_tokens=2)
+    )
+    assert [r.token for r in drafted] == [r.token for r in plain_out]
+    assert "".join(r.text for r in drafted) == "".join(r.text for r in plain_out)
+    assert any(r.from_draft for r in drafted) and not any(r.from_draft for r in plain_out)
+    assert drafted[-1].finish_reason == plain_out[-1].finish_reason
+    with pytest.raises(XGLMError) as error:
+        next(stream_generate(target, tokenizer, PROMPT, 4, draft_model=unrelated_draft, max_kv_size=32))
+    assert error.value.param == "max_kv_size"
+
+
+def test_the_command_line_generates_the_same_text_with_a_draft_model(lively_checkpoint, tiny_checkpoint):
+    import subprocess
+    import sys
+
+    def run(*extra):
+        args = ["generate", "--model", str(lively_checkpoint), "--prompt", "Hello", "-m", "12", "--json"]
+        out = subprocess.run(
+            [sys.executable, "-m", "mlx_xglm.cli", *args, *extra], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    plain_run = run()
+    drafted = run("--draft-model", str(tiny_checkpoint), "--num-draft-tokens", "2")
+    assert drafted["tokens"] == plain_run["tokens"] and drafted["text"] == plain_run["text"]
+
+
+def test_the_command_line_refuses_a_draft_with_another_vocabulary(lively_checkpoint, make_checkpoint):
+    import subprocess
+    import sys
+
+    other = make_checkpoint(vocab_size=1200)
+    args = ["generate", "--model", str(lively_checkpoint), "--prompt", "Hi", "--draft-model", str(other)]
+    out = subprocess.run([sys.executable, "-m", "mlx_xglm.cli", *args], capture_output=True, text=True)
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: --draft-model ") and "vocabulary has 1200 tokens" in line

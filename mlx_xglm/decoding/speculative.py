@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from ..errors import XGLMError
 from .cache import RotatingKVCache, check_prompt_cache, make_prompt_cache
-from .generate import CLEAR_CACHE_EVERY, generation_stream
+from .rows import CLEAR_CACHE_EVERY, generation_stream
 from .sample_utils import LogitsProcessor, Sampler, greedy
 
 
