@@ -5,6 +5,14 @@ between implementations, each trial in a fresh process, so that machine noise hi
 no library's idle threads slow down another. Appends a markdown table to --output.
 
     python benchmarks/compare.py --preset 564M --prompt-tokens 128 --gen-tokens 32 --trials 3
+    python benchmarks/compare.py --preset 564M --baseline ../main --no-torch    # against another checkout
+    python benchmarks/compare.py --preset small --in-process --no-torch --trials 9
+
+`--preset small` is the overhead-bound shape (d_model 64, 4 heads, ffn 256, vocab 512, 24 layers, 16-token
+prompt, 128 tokens): each step's arithmetic is tiny, so the time per token is the host's work of building
+and running the graph, which is what bounds small models on Apple-silicon GPUs. `--in-process` builds each
+implementation once and alternates the trials in this process; `--baseline DIR` adds mlx-xglm as checked
+out in DIR (e.g. the main branch), imported from there in its own worker processes.
 """
 
 from __future__ import annotations
@@ -22,7 +30,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_xglm import bench
 from mlx_xglm.bench import PRESETS, random_model, run_trial
+
+SMALL = {"num_layers": 24, "d_model": 64, "ffn_dim": 256, "attention_heads": 4, "vocab_size": 512}
+SHAPES = {**PRESETS, "small": SMALL}
+VOCAB_SIZE = 256008
 
 
 def mlx_lm_runner(shape: dict, dtype: str, q_bits: int | None, q_group_size: int):
@@ -39,7 +52,7 @@ def mlx_lm_runner(shape: dict, dtype: str, q_bits: int | None, q_group_size: int
         n_layer=shape["num_layers"],
         n_positions=2048,
         layer_norm_epsilon=1e-5,
-        vocab_size=256008,
+        vocab_size=shape.get("vocab_size", VOCAB_SIZE),
     )
     model = gpt2.Model(args)
     model.set_dtype(getattr(mx, dtype))
@@ -55,6 +68,8 @@ def mlx_lm_runner(shape: dict, dtype: str, q_bits: int | None, q_group_size: int
 
 
 def mlx_xglm_runner(preset: str, layers: int, dtype: str, q_bits: int | None, q_group_size: int):
+    # Registered with the library so that random_model of any checkout (this one or --baseline's) builds it.
+    bench.PRESETS.setdefault(preset, SHAPES[preset])
     model = random_model(preset, layers, dtype, q_bits, q_group_size)
 
     def trial(prompt_tokens, gen_tokens):
@@ -69,12 +84,12 @@ def torch_runner(shape: dict, dtype: str):
     import torch
     import transformers
 
-    config = transformers.XGLMConfig(vocab_size=256008, **shape)
+    config = transformers.XGLMConfig(**{"vocab_size": VOCAB_SIZE, **shape})
     model = transformers.XGLMForCausalLM(config).eval().to(getattr(torch, dtype))
 
     @torch.no_grad()
     def trial(prompt_tokens, gen_tokens):
-        ids = torch.randint(4, 256008, (1, prompt_tokens))
+        ids = torch.randint(4, config.vocab_size, (1, prompt_tokens))
         start = time.perf_counter()
         out = model(ids, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -91,19 +106,24 @@ def torch_runner(shape: dict, dtype: str):
 
 
 IMPLEMENTATIONS = ["mlx-xglm", "mlx-lm GPT-2, same widths", "transformers + torch, XGLM"]
+BASELINE = "mlx-xglm, --baseline"
+
+
+def runner(name: str, args):
+    """Build one implementation; returns `trial(prompt_tokens, gen_tokens) -> (prompt, decode, peak)`."""
+    shape = dict(SHAPES[args.preset])
+    if args.layers:
+        shape["num_layers"] = args.layers
+    if name in (IMPLEMENTATIONS[0], BASELINE):
+        return mlx_xglm_runner(args.preset, args.layers, args.dtype, args.q_bits, args.q_group_size)
+    if name == IMPLEMENTATIONS[1]:
+        return mlx_lm_runner(shape, args.dtype, args.q_bits, args.q_group_size)
+    return torch_runner(shape, args.dtype)
 
 
 def worker(args) -> None:
     """Build one implementation, warm it up, time one trial, print the result as JSON."""
-    shape = dict(PRESETS[args.preset])
-    if args.layers:
-        shape["num_layers"] = args.layers
-    if args.worker == IMPLEMENTATIONS[0]:
-        run = mlx_xglm_runner(args.preset, args.layers, args.dtype, args.q_bits, args.q_group_size)
-    elif args.worker == IMPLEMENTATIONS[1]:
-        run = mlx_lm_runner(shape, args.dtype, args.q_bits, args.q_group_size)
-    else:
-        run = torch_runner(shape, args.dtype)
+    run = runner(args.worker, args)
     run(min(args.prompt_tokens, 16), 2)
     print(json.dumps(run(args.prompt_tokens, args.gen_tokens)), flush=True)
     # With Debian's OpenBLAS preloaded, its thread shutdown at interpreter exit can deadlock once its
@@ -111,7 +131,28 @@ def worker(args) -> None:
     os._exit(0)
 
 
+def run_worker(name: str, args) -> tuple:
+    env = dict(os.environ)
+    if name == IMPLEMENTATIONS[2]:
+        # torch brings its own BLAS; a preloaded OpenBLAS meant for MLX would fight it for the cores.
+        env.pop("LD_PRELOAD", None)
+    if name == BASELINE:
+        # The baseline checkout's package comes first on the path, ahead of this one's install.
+        env["PYTHONPATH"] = os.pathsep.join([str(args.baseline.resolve()), env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", name],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd=args.baseline if name == BASELINE else None,
+    )
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def available(name: str, args) -> bool:
+    if name == BASELINE:
+        return args.baseline is not None
     module = {IMPLEMENTATIONS[1]: "mlx_lm", IMPLEMENTATIONS[2]: "transformers"}.get(name)
     if name == IMPLEMENTATIONS[2] and (args.no_torch or args.q_bits):
         return False
@@ -125,52 +166,66 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    # The released shapes only: the peers here are built with the released vocabulary.
-    parser.add_argument("--preset", choices=[p for p in PRESETS if p != "tiny"], default="564M")
+    # The released shapes and the overhead-bound small one: the peers here use the released vocabulary.
+    parser.add_argument("--preset", choices=[p for p in SHAPES if p != "tiny"], default="564M")
     parser.add_argument("--layers", type=int)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--q-bits", type=int)
     parser.add_argument("--q-group-size", type=int, default=64)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--gen-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, help="default: 16 for small, else 128")
+    parser.add_argument("--gen-tokens", type=int, help="default: 128 for small, else 32")
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true", help="skip transformers + torch")
+    parser.add_argument(
+        "--baseline", type=Path, metavar="DIR", help="also time mlx-xglm as checked out in DIR"
+    )
+    parser.add_argument(
+        "--in-process", action="store_true", help="alternate the trials in this process (not with --baseline)"
+    )
     parser.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS.md"))
-    parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=[*IMPLEMENTATIONS, BASELINE], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    small = args.preset == "small"
+    args.prompt_tokens = args.prompt_tokens or (16 if small else 128)
+    args.gen_tokens = args.gen_tokens or (128 if small else 32)
     if args.worker:
         worker(args)
         return
+    if args.in_process and args.baseline:
+        parser.error("--baseline runs in worker processes; drop --in-process")
 
-    names = [name for name in IMPLEMENTATIONS if available(name, args)]
+    names = [name for name in [*IMPLEMENTATIONS, BASELINE] if available(name, args)]
     results = {name: [] for name in names}
+    in_process = {}
+    for name in names if args.in_process else ():
+        in_process[name] = runner(name, args)
+        in_process[name](min(args.prompt_tokens, 16), 2)
     for i in range(args.trials):
-        # Each trial runs in a fresh process, so no library's idle threads (OpenBLAS, OpenMP) or caches
-        # slow down the next one; the order rotates so that no implementation always goes first.
+        # By default each trial runs in a fresh process, so no library's idle threads (OpenBLAS, OpenMP)
+        # or caches slow down the next one; the order rotates so that no implementation always goes first.
         for name in names[i % len(names) :] + names[: i % len(names)]:
-            env = dict(os.environ)
-            if name == IMPLEMENTATIONS[2]:
-                # torch brings its own BLAS; a preloaded OpenBLAS meant for MLX would fight it for the cores.
-                env.pop("LD_PRELOAD", None)
-            out = subprocess.run(
-                [sys.executable, __file__, *sys.argv[1:], "--worker", name],
-                capture_output=True,
-                text=True,
-                check=True,
-                env=env,
-            )
-            prompt_tps, gen_tps, peak = json.loads(out.stdout.strip().splitlines()[-1])
+            if args.in_process:
+                prompt_tps, gen_tps, peak = in_process[name](args.prompt_tokens, args.gen_tokens)
+            else:
+                prompt_tps, gen_tps, peak = run_worker(name, args)
             results[name].append((prompt_tps, gen_tps, peak))
             print(f"trial {i + 1} {name}: prompt {prompt_tps:.1f} tok/s, generation {gen_tps:.2f} tok/s")
 
-    shape = dict(PRESETS[args.preset], **({"num_layers": args.layers} if args.layers else {}))
+    shape = dict(SHAPES[args.preset], **({"num_layers": args.layers} if args.layers else {}))
     ours = statistics.median(r[1] for r in results["mlx-xglm"])
     ours_prompt = statistics.median(r[0] for r in results["mlx-xglm"])
+    where = "in one process" if args.in_process else "each in a fresh process"
+    title = (
+        f"{args.preset} shapes"
+        if not small
+        else "small widths (d_model 64, ffn 256, vocab 512; overhead-bound)"
+    )
+    baseline = f"; baseline: {args.baseline}" if args.baseline else ""
     rows = [
-        f"{args.preset} shapes ({shape['num_layers']} layers), {args.dtype}"
+        f"{title} ({shape['num_layers']} layers), {args.dtype}"
         + (f", {args.q_bits}-bit g{args.q_group_size}" if args.q_bits else "")
         + f", {args.prompt_tokens}-token prompt, {args.gen_tokens} generated tokens, median of "
-        f"{args.trials} alternating trials, each in a fresh process; {platform.machine()} "
+        f"{args.trials} alternating trials, {where}{baseline}; {platform.machine()} "
         f"{platform.system()}, MLX {mx.__version__} on {mx.default_device()}",
         "",
         "| implementation | prompt tok/s | decode tok/s | peak memory (GB) | prompt vs ours | decode vs ours "

@@ -12,10 +12,12 @@ from mlx_xglm.decoding.chat import DEFAULT_TEMPLATE, Conversation, split_templat
 
 from .options import (
     add_adapter_arg,
+    add_draft_args,
     add_model_args,
     add_sampling_args,
     check_utf8,
     help_formatter,
+    load_draft,
     load_model,
     sampling_from,
     seed_from,
@@ -60,6 +62,7 @@ def register(subparsers) -> None:
         r'(default: "User: {message}\nAssistant:")',
     )
     add_sampling_args(parser, max_tokens=256)
+    add_draft_args(parser)
     parser.set_defaults(run=run, usage_error=parser.error)
 
 
@@ -69,7 +72,11 @@ def run(args: argparse.Namespace) -> int:
     template = unescape(check_utf8(args.template, "--template"))
     split_template(template)
     model, tokenizer, _ = load_model(args.model, args.revision, renderer.spinner, args.adapter_path)
-    conversation = Conversation(model, tokenizer, template, max_kv_size=args.max_kv_size)
+    draft = load_draft(args, model, tokenizer, renderer.spinner)
+    sampling.update(draft)
+    conversation = Conversation(
+        model, tokenizer, template, max_kv_size=args.max_kv_size, draft_model=draft.get("draft_model")
+    )
     seed_from(args)
     if sys.stdin.isatty():
         # Importing readline gives input() line editing and history.

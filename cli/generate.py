@@ -24,10 +24,12 @@ from mlx_xglm.tokenization import NEWLINES, prompt_ids
 
 from .options import (
     add_adapter_arg,
+    add_draft_args,
     add_model_args,
     add_sampling_args,
     check_utf8,
     help_formatter,
+    load_draft,
     load_model,
     sampling_from,
     seed_from,
@@ -68,6 +70,7 @@ def register(subparsers) -> None:
         "--prompt-file", metavar="PATH", help='read the prompt from a UTF-8 file ("-": stdin)'
     )
     add_sampling_args(parser, max_tokens=100)
+    add_draft_args(parser)
     parser.add_argument(
         "--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)"
     )
@@ -134,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, load_seconds = load_model(
         args.model, args.revision, renderer.spinner, args.adapter_path
     )
+    if args.draft_model is not None and cache_file is not None:
+        raise XGLMError("--draft-model cannot be combined with --prompt-cache-file")
+    draft = load_draft(args, model, tokenizer, renderer.spinner)
     fingerprint = model_fingerprint(model, tokenizer) if cache_file is not None else None
 
     if cache_file is not None and cache_file.exists():
@@ -146,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
             )
     else:
         cache = make_prompt_cache(model, max_kv_size=args.max_kv_size)
+    if draft:
+        cache += make_prompt_cache(draft["draft_model"])
     cached = cached_tokens(cache)
     ids = prompt_ids(tokenizer, prompt, cached, args.newlines)
     seed_from(args)
@@ -158,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         stop=stop or None,
         newlines=args.newlines,
         **sampling,
+        **draft,
     )
 
     text, tokens, last, status = [], [], None, 0

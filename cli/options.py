@@ -10,6 +10,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 
 from mlx_xglm import XGLMError, load, make_logits_processors, make_sampler
 from mlx_xglm.checkpoints.loading import resolve_model_path
+from mlx_xglm.decoding.speculative import check_draft_model
 
 DEFAULT_MODEL = "facebook/xglm-564M"
 
@@ -136,3 +137,32 @@ def load_model(name: str, revision: str | None, spinner, adapter_path: str | Non
                 raise XGLMError(str(e).replace("adapter folder", "--adapter-path"), param=e.param) from None
             raise
     return model, tokenizer, time.perf_counter() - start
+
+
+def add_draft_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("speculative decoding")
+    group.add_argument(
+        "--draft-model",
+        metavar="PATH_OR_REPO",
+        help="a smaller XGLM with the same tokenizer (e.g. facebook/xglm-564M) that proposes tokens for "
+        "--model to check: the same output, faster when most proposals are kept",
+    )
+    group.add_argument(
+        "--num-draft-tokens", type=int, default=3, metavar="N", help="tokens proposed per step (default: 3)"
+    )
+
+
+def load_draft(args: argparse.Namespace, model, tokenizer, spinner) -> dict:
+    """`draft_model` and `num_draft_tokens` for stream_generate from --draft-model (empty without it)."""
+    if args.draft_model is None:
+        return {}
+    if args.num_draft_tokens < 1:
+        raise XGLMError(f"--num-draft-tokens must be 1 or more, got {args.num_draft_tokens}")
+    if args.max_kv_size is not None:
+        raise XGLMError("--draft-model cannot take --max-kv-size (rejected tokens are taken back)")
+    draft, draft_tokenizer, _ = load_model(args.draft_model, None, spinner)
+    try:
+        check_draft_model(model, draft, tokenizer, draft_tokenizer)
+    except XGLMError as e:
+        raise XGLMError(f"--draft-model {args.draft_model}: {e}") from None
+    return {"draft_model": draft, "num_draft_tokens": args.num_draft_tokens}

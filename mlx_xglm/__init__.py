@@ -15,6 +15,7 @@ from .decoding import (
     make_sampler,
     model_fingerprint,
     save_prompt_cache,
+    speculative_generate_step,
     stream_generate,
     trim_prompt_cache,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "convert",
     "generate",
     "generate_step",
+    "speculative_generate_step",
     "load",
     "load_prompt_cache",
     "loglikelihood",

@@ -8,7 +8,14 @@ import mlx.nn as nn
 import pytest
 
 from mlx_xglm import XGLMError, load
-from mlx_xglm.bench import PRESETS, benchmark, preset_config, weight_bytes
+from mlx_xglm.bench import (
+    PRESETS,
+    acceptance_rate,
+    benchmark,
+    make_agreeing_draft,
+    preset_config,
+    weight_bytes,
+)
 from mlx_xglm.checkpoints import quantize_model
 
 
@@ -93,3 +100,63 @@ def test_benchmark_counts_every_weight_once(tiny_checkpoint):
     embed = model.model.embed_tokens.weight
     assert result.weight_bytes == weight_bytes(model) > embed.nbytes
     assert result.ceiling_tps == result.bandwidth / result.weight_bytes
+
+
+def test_json_report_with_a_draft_model(tiny_checkpoint):
+    result = bench(
+        "--model",
+        str(tiny_checkpoint),
+        "--draft-model",
+        str(tiny_checkpoint),
+        "--num-draft-tokens",
+        "2",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "7",
+        "--trials",
+        "2",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    # The model drafting for itself: every proposal is accepted.
+    assert report["acceptance"] == 1.0
+    assert report["speculative_speedup"] > 0 and report["plain_generation_tps"] > 0
+    assert report["graph_ms_per_token"] > 0
+    assert len(report["trials"]) == len(report["plain_trials"]) == 2
+    assert report["draft_model"] == str(tiny_checkpoint) and report["num_draft_tokens"] == 2
+
+
+def test_table_reports_graph_time_and_the_draft(tiny_checkpoint):
+    result = bench(
+        "--model", str(tiny_checkpoint), "--draft-model", str(tiny_checkpoint), "--gen-tokens", "4",
+        "--prompt-tokens", "8", "--trials", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for label in ("host graph time per token", "draft acceptance rate", "speculative speedup"):
+        assert label in result.stdout
+
+
+def test_bad_draft_values_are_one_line_errors(tiny_checkpoint):
+    result = bench(
+        "--model", str(tiny_checkpoint), "--draft-model", str(tiny_checkpoint), "--num-draft-tokens", "0"
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: --num-draft-tokens must be at least 1, got 0"
+
+
+def test_acceptance_rate_counts_the_proposals_of_each_round():
+    # Rounds: 3 proposed, 3 kept; 2 proposed (2 tokens left after it), 1 kept; then the model's last token.
+    flags = [True, True, True, False, True, False, False]
+    assert acceptance_rate(flags, 3) == 4 / 5
+
+
+def test_agreeing_draft_keeps_fewer_layers_than_the_model(tiny_checkpoint):
+    model, _ = load(tiny_checkpoint)
+    with pytest.raises(XGLMError, match="fewer layers") as error:
+        make_agreeing_draft(model, 2)
+    assert error.value.param == "draft_layers"
+    draft = make_agreeing_draft(model, 1)
+    assert len(draft.layers) == 1 and draft.layers[0] is model.layers[0]
+    assert not model.layers[1].fc2.weight.any().item()

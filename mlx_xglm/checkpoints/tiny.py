@@ -31,15 +31,16 @@ TINY = {
 }
 
 
-def train_sentencepiece(path: Path) -> Path:
-    """Train the tiny tokenizer's sentencepiece model into `path` (deterministic for a given text)."""
+def train_sentencepiece(path: Path, vocab_size: int = SP_PIECES) -> Path:
+    """Train the tiny tokenizer's sentencepiece model of `vocab_size` pieces into `path` (deterministic
+    for a given text and size)."""
     import sentencepiece as spm
 
     with open(path, "wb") as out:
         spm.SentencePieceTrainer.train(
             input=str(TEXT_FILE),
             model_writer=out,
-            vocab_size=SP_PIECES,
+            vocab_size=vocab_size,
             model_type="bpe",
             character_coverage=1.0,
             unk_id=0,

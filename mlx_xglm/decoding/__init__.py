@@ -15,6 +15,7 @@ from .chat import Conversation, chat_prompt_ids
 from .engine import BatchGenerator, BatchStats, Response
 from .generate import generate, generate_step, stream_generate
 from .sample_utils import make_logits_processors, make_sampler
+from .speculative import check_draft_model, speculative_generate_step
 
 __all__ = [
     "BatchGenerator",
@@ -25,6 +26,7 @@ __all__ = [
     "cached_tokens",
     "can_trim_prompt_cache",
     "chat_prompt_ids",
+    "check_draft_model",
     "generate",
     "generate_step",
     "load_prompt_cache",
@@ -34,6 +36,7 @@ __all__ = [
     "prompt_cache_max_kv_size",
     "model_fingerprint",
     "save_prompt_cache",
+    "speculative_generate_step",
     "stream_generate",
     "trim_prompt_cache",
 ]

@@ -90,8 +90,16 @@ class Conversation:
     text before `{message}`), or after `max_tokens`.
     """
 
-    def __init__(self, model, tokenizer, template: str = DEFAULT_TEMPLATE, max_kv_size: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        template: str = DEFAULT_TEMPLATE,
+        max_kv_size: int | None = None,
+        draft_model=None,
+    ):
         self.model = model
+        self.draft_model = draft_model
         self.tokenizer = tokenizer
         self.template = template
         self.max_kv_size = max_kv_size
@@ -103,11 +111,16 @@ class Conversation:
 
     def reset(self) -> None:
         """Forget every turn; the next one starts a new document."""
-        self.cache = make_prompt_cache(self.model, max_kv_size=self.max_kv_size)
+        self.cache = self._new_cache()
         # `cached`: the ids the cache holds. `pending`: ids of the transcript it has not read yet. The first
         # turn, starting the document, gets its leading `</s>` from prompt_ids.
         self.cached: list[int] = []
         self.pending: list[int] = []
+
+    def _new_cache(self) -> list:
+        # With a draft model (speculative decoding), its layers follow the model's in one cache list.
+        cache = make_prompt_cache(self.model, max_kv_size=self.max_kv_size)
+        return cache + make_prompt_cache(self.draft_model) if self.draft_model is not None else cache
 
     @property
     def transcript_ids(self) -> list[int]:
@@ -143,7 +156,7 @@ class Conversation:
             # Stopped in the middle of a step, the cache may be half-written: read it all again next turn.
             self.pending = self.cached + ids + generated + [self.tokenizer.eos_token_id]
             self.cached = []
-            self.cache = make_prompt_cache(self.model, max_kv_size=self.max_kv_size)
+            self.cache = self._new_cache()
             raise
         self._settle(ids, generated, "".join(text), finish)
 

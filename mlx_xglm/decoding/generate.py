@@ -14,6 +14,7 @@ from ..tokenization.prompt import Newlines, prompt_ids
 from .cache import cached_tokens, check_prompt_cache, make_prompt_cache
 from .rows import CLEAR_CACHE_EVERY, Rows
 from .sample_utils import LogitsProcessor, Sampler, greedy
+from .speculative import speculative_generate_step
 
 
 def generate_step(
@@ -72,6 +73,8 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float
     finish_reason: str | None = None
+    # True for a token a draft model proposed and the model accepted (speculative decoding).
+    from_draft: bool = False
 
 
 class TextStream:
@@ -134,6 +137,8 @@ def stream_generate(
     prompt_cache: list | None = None,
     stop: str | list[str] | None = None,
     newlines: Newlines = "space",
+    draft_model=None,
+    num_draft_tokens: int = 3,
     **kwargs,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield a `GenerationResponse` per generated token.
@@ -141,23 +146,39 @@ def stream_generate(
     `prompt` is text, a list of ids or an `mx.array`. Generation ends at `</s>` or at any of the `stop`
     strings (which are not part of the text), with `finish_reason` "stop", or after `max_tokens` with
     "length". `newlines="eos"` encodes "\\n" in a text prompt as `</s>`, shows a generated `</s>` as "\\n"
-    and ends on two in a row. Other keyword arguments (`prefill_step_size`, `max_kv_size`) go to
-    `generate_step`.
+    and ends on two in a row. With a `draft_model` (same tokenizer), decoding is speculative: the draft
+    proposes `num_draft_tokens` tokens at a time (`from_draft` marks those accepted) and `prompt_cache`, if
+    given, is `make_prompt_cache(model) + make_prompt_cache(draft_model)`. Other keyword arguments
+    (`prefill_step_size`, `max_kv_size`) go to `generate_step`.
     """
     ids = _prompt_ids(tokenizer, prompt, prompt_cache, newlines)
     stream = TextStream(tokenizer, stop, newlines)
     tic = time.perf_counter()
-    steps = generate_step(
-        ids,
-        model,
-        max_tokens=max_tokens,
-        sampler=sampler,
-        logits_processors=logits_processors,
-        prompt_cache=prompt_cache,
-        **kwargs,
-    )
+    options = {"max_tokens": max_tokens, "sampler": sampler, "logits_processors": logits_processors}
+    if draft_model is None:
+        steps = (
+            (token, logprobs, False)
+            for token, logprobs in generate_step(ids, model, prompt_cache=prompt_cache, **options, **kwargs)
+        )
+    else:
+        if kwargs.get("max_kv_size") is not None:
+            raise XGLMError(
+                "speculative decoding takes back rejected tokens, which a rotating cache cannot always do; "
+                "drop max_kv_size or the draft model",
+                param="max_kv_size",
+            )
+        kwargs.pop("max_kv_size", None)
+        steps = speculative_generate_step(
+            ids,
+            model,
+            draft_model,
+            num_draft_tokens=num_draft_tokens,
+            prompt_cache=prompt_cache,
+            **options,
+            **kwargs,
+        )
     prompt_tps = 0.0
-    for n, (token, logprobs) in enumerate(steps):
+    for n, (token, logprobs, from_draft) in enumerate(steps):
         if n == 0:
             prompt_time = time.perf_counter() - tic
             prompt_tps = ids.size / prompt_time
@@ -176,6 +197,7 @@ def stream_generate(
             generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
             peak_memory=mx.get_peak_memory() / 1e9,
             finish_reason=stream.finish_reason,
+            from_draft=from_draft,
         )
         if stream.finish_reason is not None:
             break

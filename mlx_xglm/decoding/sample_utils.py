@@ -80,8 +80,7 @@ def make_sampler(
     if temp == 0:
         return greedy
 
-    @partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
-    def sample(logprobs: mx.array) -> mx.array:
+    def distribution(logprobs: mx.array) -> mx.array:
         logits = logprobs * (1 / temp)
         logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if top_k > 0:
@@ -90,9 +89,27 @@ def make_sampler(
             logits = _keep_top_p(logits, top_p, min_tokens_to_keep)
         if min_p > 0.0:
             logits = _keep_min_p(logits, min_p, min_tokens_to_keep)
-        return mx.random.categorical(logits, axis=-1)
+        return logits
 
-    return sample
+    return CategoricalSampler(distribution)
+
+
+class CategoricalSampler:
+    """A sampler that draws from a distribution it can also show: `distribution(logprobs)` returns the
+    log-probabilities it samples from (temperature applied, cut tokens at -inf), which speculative
+    decoding needs for its accept/reject rule. Calling it draws one token per row."""
+
+    def __init__(self, distribution: Callable[[mx.array], mx.array]):
+        self.distribution = mx.compile(distribution)
+
+        @partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
+        def sample(logprobs: mx.array) -> mx.array:
+            return mx.random.categorical(distribution(logprobs), axis=-1)
+
+        self._sample = sample
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        return self._sample(logprobs)
 
 
 def make_logits_processors(

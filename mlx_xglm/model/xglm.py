@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +20,20 @@ from ..decoding.cache import KVCache
 from ..errors import XGLMError
 from .config_checks import config_problem
 from .forward import causal_lm_forward, model_forward
+from .fused import CompiledHalves, fused_in_place, project_qkv
 from .masks import Positions, additive_mask, causal
 
 # fairseq reserves rows 0 and 1 of the position table (row 1 is the padding row), so the first real token
 # reads row 2.
 POSITION_OFFSET = 2
+# At inference, inputs of at most this many positions per row (decoding steps, speculative checks) run each
+# layer's cache-free parts compiled: the host then builds a few nodes per layer instead of dozens, which is
+# what bounds a small model's decoding. Longer inputs (prompts) are bound by arithmetic and run as written.
+# GPUs only by default: on the CPU backend mx.compile builds every new kernel with the system C++ compiler
+# (seconds on a fresh machine, SIGINT ignored while it runs, so a Ctrl-C could be lost) for little gain.
+# MLX_XGLM_COMPILE=1 or 0 forces it on or off.
+COMPILES = os.environ.get("MLX_XGLM_COMPILE", str(int(mx.default_device() == mx.gpu))) == "1"
+COMPILE_MAX_LENGTH = 8 if COMPILES else 0
 
 
 @dataclass
@@ -109,15 +119,23 @@ class XGLMSinusoidalPositionalEmbedding(nn.Module):
         # Underscored: a buffer, not a parameter, so it is neither loaded, saved nor quantized.
         self._table = mx.array(sinusoidal_table(num_positions + POSITION_OFFSET, dim, padding_idx))
 
-    def __call__(self, positions: Positions) -> mx.array:
-        """Rows for `positions`: [L, dim] for a shared range, else [B, L, dim]; the table grows to fit."""
-        end = positions.end + POSITION_OFFSET
-        if end > self._table.shape[0]:
-            size = max(end, 2 * self._table.shape[0])
-            self._table = mx.array(sinusoidal_table(size, self.dim, self.padding_idx))
+    def __call__(self, positions: Positions, dtype=mx.float32) -> mx.array:
+        """Rows for `positions` in `dtype`: [L, dim] for a shared range, else [B, L, dim]; the table grows
+        to fit, and is cast once per dtype rather than at every step."""
+        table = self._rows(positions.end + POSITION_OFFSET, dtype)
         if positions.ids is None:
-            return self._table[positions.start + POSITION_OFFSET : end]
-        return self._table[positions.ids + POSITION_OFFSET]
+            return table[positions.start + POSITION_OFFSET : positions.end + POSITION_OFFSET]
+        return table[positions.ids + POSITION_OFFSET]
+
+    def _rows(self, needed: int, dtype) -> mx.array:
+        if needed > self._table.shape[0]:
+            size = max(needed, 2 * self._table.shape[0])
+            self._table = mx.array(sinusoidal_table(size, self.dim, self.padding_idx))
+        if dtype == self._table.dtype:
+            return self._table
+        if self.get("_cast") is None or self._cast.dtype != dtype or len(self._cast) != len(self._table):
+            self._cast = self._table.astype(dtype)
+        return self._cast
 
 
 class XGLMAttention(nn.Module):
@@ -139,12 +157,23 @@ class XGLMAttention(nn.Module):
         self.dropout = nn.Dropout(config.attention_dropout)
 
     def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Queries, keys and values [B, heads, L, head_dim] of `x`."""
+        """Queries, keys and values [B, heads, L, head_dim] of `x`, in one matmul where q/k/v are fused."""
         B, L, _ = x.shape
-        return tuple(
-            proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        # Rows of one matrix, not [B, L, d]: a matmul over 3-D input adds two reshapes to each step.
+        x = x.reshape(B * L, -1)
+        if "_qkv_weight" in self and not self.training:
+            parts = mx.split(project_qkv(self, x), 3, axis=-1)
+        else:
+            parts = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if L == 1:  # one position per row: the head split needs no transpose
+            return tuple(p.reshape(B, self.num_heads, 1, -1) for p in parts)
+        return tuple(p.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for p in parts)
+
+    def output(self, out: mx.array) -> mx.array:
+        """The heads' outputs [B, heads, L, head_dim] merged and projected back, [B * L, d_model]."""
+        B, _, L, _ = out.shape
+        merged = out.reshape(B, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B * L, -1)
+        return self.out_proj(merged)
 
     def __call__(self, x: mx.array, mask=None, cache=None, head_mask=None, attentions=None) -> mx.array:
         """Attention output [B, L, d_model]; `mask` is None, "causal", boolean or additive over [L, S].
@@ -153,10 +182,15 @@ class XGLMAttention(nn.Module):
         L, S]. Either, or attention dropout in training mode, spells the attention out; otherwise the fused
         kernel runs.
         """
-        B, L, _ = x.shape
+        fused_in_place(self)
         q, k, v = self.project(x)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
+        return self.output(self.attend(q, k, v, mask, head_mask, attentions)).reshape(x.shape)
+
+    def attend(self, q, k, v, mask=None, head_mask=None, attentions=None) -> mx.array:
+        """Each head's attention output [B, heads, L, head_dim]; the options are those of `__call__`."""
+        L = q.shape[2]
         if attentions is None and head_mask is None and not (self.training and self.dropout_p > 0):
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         else:
@@ -169,7 +203,7 @@ class XGLMAttention(nn.Module):
             if attentions is not None:
                 attentions.append(probs)
             out = self.dropout(probs) @ v
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return out
 
 
 class XGLMDecoderLayer(nn.Module):
@@ -193,9 +227,54 @@ class XGLMDecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, mask=None, cache=None, head_mask=None, attentions=None) -> mx.array:
         """The block's output; the options are those of `XGLMAttention.__call__`."""
-        x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), mask, cache, head_mask, attentions))
+        fused_in_place(self.self_attn)
+        if self.training or x.shape[1] > COMPILE_MAX_LENGTH:
+            q, k, v = self._before_cache(x)
+        else:
+            compiled = self._compiled()
+            q, k, v = compiled(0, x)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        attended = self.self_attn.attend(q, k, v, mask, head_mask, attentions)
+        if self.training or x.shape[1] > COMPILE_MAX_LENGTH:
+            return self._after_cache(x, attended)
+        return compiled(1, x, attended)
+
+    def _before_cache(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        return self.self_attn.project(self.self_attn_layer_norm(x))
+
+    def _after_cache(self, x: mx.array, attended: mx.array) -> mx.array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]) + self.dropout(self.self_attn.output(attended))
         h = self.activation_dropout(self.activation(self.fc1(self.final_layer_norm(x))))
-        return x + self.dropout(self.fc2(h))
+        return (x + self.dropout(self.fc2(h))).reshape(shape)
+
+    def _compiled(self) -> CompiledHalves:
+        """The halves compiled over the layer's arrays (see fused.py), rebuilt when its modules change."""
+        compiled = getattr(self, "_compiled_halves", None)
+        if compiled is None or not compiled.valid():
+            attention = self.self_attn
+            halves = [
+                (self._before_cache, [self.self_attn_layer_norm, attention]),
+                (self._after_cache, [attention.out_proj, self.final_layer_norm, self.fc1, self.fc2]),
+            ]
+            compiled = self._compiled_halves = CompiledHalves(self, halves)
+        return compiled
+
+
+def _scale_and_add(embeddings: mx.array, scale: float, positions: mx.array) -> mx.array:
+    # One kernel instead of a multiply and an add at every step, where compiling is on.
+    return embeddings * scale + positions
+
+
+def _layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    # The fast LayerNorm is a dozen small ops; compiled, a few.
+    return mx.fast.layer_norm(x, weight, bias, eps)
+
+
+if COMPILES:
+    _scale_and_add = mx.compile(_scale_and_add, shapeless=True)
+    _layer_norm = mx.compile(_layer_norm)
 
 
 class XGLMModel(nn.Module):
@@ -235,13 +314,14 @@ class XGLMModel(nn.Module):
         layerdrop act.
         """
         cache = cache if cache is not None else [None] * len(self.layers)
-        h = self.embed_tokens(inputs) * self.embed_scale if inputs_embeds is None else inputs_embeds
+        h = self.embed_tokens(inputs) if inputs_embeds is None else inputs_embeds
         length = h.shape[1]
         if position_ids is None:
             positions = Positions.range(0, length) if cache[0] is None else cache[0].make_positions(length)
         else:
             positions = position_ids if isinstance(position_ids, Positions) else Positions.given(position_ids)
-        h = self.dropout(h + self.embed_positions(positions).astype(h.dtype))
+        scale = self.embed_scale if inputs_embeds is None else 1.0
+        h = self.dropout(_scale_and_add(h, scale, self.embed_positions(positions, h.dtype)))
         if mask is None:
             mask = causal(length) if cache[0] is None else cache[0].make_mask(length, h.dtype)
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
@@ -252,7 +332,11 @@ class XGLMModel(nn.Module):
             if layerdrop > 0 and mx.random.uniform().item() < layerdrop:
                 continue
             h = layer(h, mask, layer_cache, None if head_mask is None else head_mask[i], attentions)
-        h = self.layer_norm(h)
+        if self.training or length > COMPILE_MAX_LENGTH:
+            h = self.layer_norm(h)
+        else:
+            norm = self.layer_norm
+            h = _layer_norm(h, norm.weight, norm.bias, norm.eps)
         if hidden_states is not None:
             hidden_states.append(h)
         return h
