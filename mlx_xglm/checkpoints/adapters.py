@@ -129,11 +129,9 @@ def _adapter_folder(adapter_path: str | Path) -> Path:
     path = Path(adapter_path).expanduser()
     # Not a folder, and not a Hub repo id ("owner/name") either.
     if path.is_file():
-        raise XGLMError(
-            f"adapter folder {path} is a file; pass the folder that holds it", param="adapter_path"
-        )
+        raise XGLMError(f"adapter_path {path} is a file; pass the folder that holds it", param="adapter_path")
     if not path.is_dir() and str(adapter_path).count("/") != 1:
-        raise XGLMError(f"adapter folder {path} does not exist", param="adapter_path")
+        raise XGLMError(f"adapter_path {path} does not exist", param="adapter_path")
     return resolve_model_path(adapter_path, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, LEGACY_WEIGHTS_FILE])
 
 
