@@ -19,7 +19,7 @@ from ..checkpoints.convert import MAX_SHARD_BYTES, copy_side_files, save_weights
 from ..checkpoints.loading import load_config, load_model, resolve_model_path
 from ..checkpoints.model_card import model_card
 from ..errors import XGLMError
-from ..model.lora import LoRALinear
+from ..model.lora import LoRALinear, dequantized_weight
 from ..outputs import staged_folder
 
 
@@ -79,14 +79,7 @@ def _dequantize_modules(model: nn.Module, dtype: str | None) -> None:
     for path, module in model.named_modules():
         if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             continue
-        weight = mx.dequantize(
-            module.weight,
-            module.scales,
-            module.get("biases"),
-            group_size=module.group_size,
-            bits=module.bits,
-            mode=module.mode,
-        )
+        weight = dequantized_weight(module)
         weight = weight.astype(dtype) if dtype is not None else weight
         if isinstance(module, nn.QuantizedEmbedding):
             layer = nn.Embedding(*weight.shape)
