@@ -6,8 +6,8 @@ import argparse
 
 from mlx_xglm import XGLMError
 
-from .options import add_model_args, help_formatter, load_model
-from .scoring_options import LAUNCH_NOTE, flag_error, quiet_renderer, start_group
+from .options import add_adapter_arg, add_model_args, help_formatter, load_model
+from .scoring_options import LAUNCH_NOTE, quiet_renderer, start_group
 
 EXAMPLES = (
     """\
@@ -23,15 +23,6 @@ OUTPUT_PATH/<model name>/, then the table is printed.
     + LAUNCH_NOTE % ("eval", "eval")
 )
 
-FLAGS = {
-    "tasks": "--tasks",
-    "include_path": "--include-path",
-    "num_fewshot": "--num-fewshot",
-    "limit": "--limit",
-    "batch_size": "--batch-size",
-    "newlines": "--newlines",
-}
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -43,6 +34,7 @@ def register(subparsers) -> None:
         formatter_class=help_formatter,
     )
     add_model_args(parser)
+    add_adapter_arg(parser)
     parser.add_argument("--tasks", required=True, metavar="T1,T2", help="comma-separated lm-eval task names")
     parser.add_argument("--include-path", metavar="DIR", help="a folder of extra task YAML files")
     parser.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot examples per prompt")
@@ -79,33 +71,33 @@ def run(args: argparse.Namespace) -> int:
     from mlx_xglm.evaluation.tasks import evaluate, resolve_tasks, task_manager
 
     tasks = args.tasks.split(",")
-    try:
-        # Unknown tasks and a missing include path fail before the model loads.
-        resolve_tasks(task_manager(args.include_path), tasks)
-        model, tokenizer, _ = load_model(args.model, args.revision, quiet_renderer(group).spinner)
-        lm = XGLMEvalModel(
-            pretrained=args.model,
-            model=model,
-            tokenizer=tokenizer,
-            batch_size=args.batch_size,
-            newlines=args.newlines,
-            seed=args.seed if args.seed is not None else 1234,
-            group=group,
-        )
-        results = evaluate(
-            lm,
-            tasks,
-            include_path=args.include_path,
-            num_fewshot=args.num_fewshot,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            output_path=args.output_path,
-            log_samples=args.log_samples,
-            seed=args.seed,
-            group=group,
-        )
-    except XGLMError as e:
-        raise flag_error(e, FLAGS) from None
+    # Unknown tasks and a missing include path fail before the model loads.
+    resolve_tasks(task_manager(args.include_path), tasks)
+    model, tokenizer, _ = load_model(
+        args.model, args.revision, quiet_renderer(group).spinner, args.adapter_path
+    )
+    lm = XGLMEvalModel(
+        pretrained=args.model,
+        model=model,
+        tokenizer=tokenizer,
+        adapter_path=args.adapter_path,
+        batch_size=args.batch_size,
+        newlines=args.newlines,
+        seed=args.seed if args.seed is not None else 1234,
+        group=group,
+    )
+    results = evaluate(
+        lm,
+        tasks,
+        include_path=args.include_path,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        output_path=args.output_path,
+        log_samples=args.log_samples,
+        seed=args.seed,
+        group=group,
+    )
     if group.rank() == 0:
         print(
             f"mlx-xglm (pretrained={args.model}, newlines={args.newlines}), limit: {args.limit}, "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from mlx_xglm import XGLMError
 from mlx_xglm.tuning import fuse
 
 from .options import help_formatter
@@ -18,8 +17,6 @@ examples:
 A float result loads with transformers' XGLMForCausalLM.from_pretrained as well as with mlx-xglm. A
 quantized base stays quantized, its merged layers quantized again, unless --de-quantize is given.
 """
-
-FLAGS = {"save_path": "--save-path", "dequantize": "--de-quantize", "adapter_path": "--adapter-path"}
 
 
 def register(subparsers) -> None:
@@ -55,20 +52,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        path = fuse(
-            args.model,
-            args.adapter_path,
-            args.save_path,
-            dequantize=args.dequantize,
-            upload_repo=args.upload_repo,
-            revision=args.revision,
-        )
-    except XGLMError as e:
-        flag = FLAGS.get(e.param)
-        if flag is None:
-            raise
-        message = str(e).replace("adapter folder", flag).replace(e.param, flag)
-        raise XGLMError(message, param=e.param) from None
+    path = fuse(
+        args.model,
+        args.adapter_path,
+        args.save_path,
+        dequantize=args.dequantize,
+        upload_repo=args.upload_repo,
+        revision=args.revision,
+    )
     print(f"Fused {args.adapter_path} into {args.model}: {path}")
     return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -176,19 +175,8 @@ def _typed(file: Path, key: str, value):
         raise XGLMError(f"-c {file}: {key} must be a number, got {value!r}") from None
 
 
-def flag_message(error: XGLMError) -> XGLMError:
-    """The error with its library parameter name spelled as the flag that sets it."""
-    if error.param is None:
-        return error
-    flag = "--" + error.param.replace("_", "-")
-    return XGLMError(re.sub(rf"\b{error.param}\b", flag, str(error)), param=error.param)
-
-
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(settings_from(args))
-    except XGLMError as e:
-        raise flag_message(e) from None
+    return _run(settings_from(args))
 
 
 def _run(s: argparse.Namespace) -> int:

@@ -69,13 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
-    """Parameter name -> the flag that sets it (`max_kv_size` -> `--max-kv-size`); argparse keeps its
-    arguments only in `_actions`."""
-    return {
+    """Parameter name -> the flag that sets it (`max_kv_size` -> `--max-kv-size`), plus the library names
+    a command registers with `set_defaults(param_flags={...})` where they differ from the flag's dest;
+    argparse keeps its arguments only in `_actions`."""
+    flags = {
         action.dest: next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
         for action in parser._actions
         if action.option_strings
     }
+    return {**flags, **(parser.get_default("param_flags") or {})}
 
 
 def error_line(error: XGLMError, flags: dict[str, str]) -> str:

@@ -130,12 +130,7 @@ def load_model(name: str, revision: str | None, spinner, adapter_path: str | Non
             raise XGLMError(f"{e} (--model PATH)") from None
         raise
     with spinner(f"Loading {name}"):
-        try:
-            model, tokenizer = load(path, adapter_path=adapter_path)
-        except XGLMError as e:
-            if e.param == "adapter_path":
-                raise XGLMError(str(e).replace("adapter folder", "--adapter-path"), param=e.param) from None
-            raise
+        model, tokenizer = load(path, adapter_path=adapter_path)
     return model, tokenizer, time.perf_counter() - start
 
 

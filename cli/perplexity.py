@@ -13,8 +13,8 @@ from rich.table import Table
 from mlx_xglm import XGLMError
 from mlx_xglm.evaluation import perplexity
 
-from .options import add_model_args, help_formatter, load_model
-from .scoring_options import LAUNCH_NOTE, flag_error, quiet_renderer, start_group
+from .options import add_adapter_arg, add_model_args, help_formatter, load_model
+from .scoring_options import LAUNCH_NOTE, quiet_renderer, start_group
 
 EXAMPLES = (
     """\
@@ -28,12 +28,6 @@ Each file is one text, read in windows of --context-length tokens starting every
     + LAUNCH_NOTE % ("perplexity", "perplexity")
 )
 
-FLAGS = {
-    "context_length": "--context-length",
-    "stride": "--stride",
-    "batch_size": "--batch-size",
-}
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -44,6 +38,7 @@ def register(subparsers) -> None:
         formatter_class=help_formatter,
     )
     add_model_args(parser)
+    add_adapter_arg(parser)
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="UTF-8 text files")
     parser.add_argument(
         "--context-length", type=int, metavar="N", help="window length (default: the model's positions)"
@@ -83,23 +78,22 @@ def _read(path: str) -> str:
 def run(args: argparse.Namespace) -> int:
     group = start_group()
     texts = {path: _read(path) for path in args.data}
-    model, tokenizer, _ = load_model(args.model, args.revision, quiet_renderer(group).spinner)
+    model, tokenizer, _ = load_model(
+        args.model, args.revision, quiet_renderer(group).spinner, args.adapter_path
+    )
     rows = []
     for path, text in texts.items():
-        try:
-            result = perplexity(
-                model,
-                tokenizer,
-                text,
-                context_length=args.context_length,
-                stride=args.stride,
-                batch_size=args.batch_size,
-                newlines=args.newlines,
-                verbose=not args.json,
-                group=group,
-            )
-        except XGLMError as e:
-            raise flag_error(e, FLAGS) from None
+        result = perplexity(
+            model,
+            tokenizer,
+            text,
+            context_length=args.context_length,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            newlines=args.newlines,
+            verbose=not args.json,
+            group=group,
+        )
         rows.append(
             {"file": path, "perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens}
         )

@@ -8,8 +8,6 @@ import warnings
 
 import mlx.core as mx
 
-from mlx_xglm import XGLMError
-
 from .render import Renderer
 
 LAUNCH_NOTE = """
@@ -32,10 +30,3 @@ def start_group():
 def quiet_renderer(group) -> Renderer:
     """A renderer whose spinner only rank 0 shows."""
     return Renderer(quiet=group.rank() != 0)
-
-
-def flag_error(error: XGLMError, flags: dict[str, str]) -> XGLMError:
-    """The same error, naming the command-line flag for the library parameter at fault."""
-    if error.param in flags and str(error).startswith(error.param):
-        return XGLMError(flags[error.param] + str(error)[len(error.param) :], param=error.param)
-    return error

@@ -8,7 +8,7 @@ import os
 from mlx_xglm import XGLMError
 from mlx_xglm.decoding.chat import DEFAULT_TEMPLATE, split_template
 
-from .options import add_model_args, help_formatter, load_model, unescape
+from .options import add_adapter_arg, add_model_args, help_formatter, load_model, unescape
 from .render import Renderer
 
 EXAMPLES = r"""
@@ -21,9 +21,6 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST
 POST /detokenize, GET /tokenizer_info, GET /health. Ctrl-C or SIGTERM stops it: running requests end with
 finish_reason "abort" and the server exits within seconds.
 """
-
-# Library parameters, as create_app/Engine name them in errors, and the flags that set them.
-FLAGS = {"template": "--chat-template"}
 
 
 def _positive(text: str) -> int:
@@ -49,6 +46,7 @@ def register(subparsers) -> None:
         formatter_class=help_formatter,
     )
     add_model_args(parser)
+    add_adapter_arg(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
     parser.add_argument(
@@ -101,7 +99,7 @@ def register(subparsers) -> None:
         default="info",
         help="log level; info logs one line per request (default: info)",
     )
-    parser.set_defaults(run=run, usage_error=parser.error)
+    parser.set_defaults(run=run, usage_error=parser.error, param_flags={"template": "--chat-template"})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,23 +111,19 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     template = unescape(args.chat_template)
     engine_args = {"max_batch": args.max_batch, "max_queue": args.max_queue, "max_kv_size": args.max_kv_size}
-    try:
-        split_template(template)  # before the model loads
-        model, tokenizer, _ = load_model(args.model, args.revision, Renderer().spinner)
-        serve(
-            model,
-            tokenizer,
-            args.model_id or args.model,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            engine_args=engine_args,
-            api_key=args.api_key,
-            max_prompt_tokens=args.max_prompt_tokens,
-            max_body_bytes=args.max_body_bytes,
-            chat_template=template,
-        )
-    except XGLMError as e:
-        flag = FLAGS.get(e.param)
-        raise XGLMError(f"{flag}: {e}" if flag else str(e)) from None
+    split_template(template)  # before the model loads
+    model, tokenizer, _ = load_model(args.model, args.revision, Renderer().spinner, args.adapter_path)
+    serve(
+        model,
+        tokenizer,
+        args.model_id or args.model,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        engine_args=engine_args,
+        api_key=args.api_key,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_body_bytes=args.max_body_bytes,
+        chat_template=template,
+    )
     return 0

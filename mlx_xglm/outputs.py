@@ -129,10 +129,12 @@ def staged_folder(target: str | Path, param: str | None = None) -> Iterator[Path
 def staged_file(target: str | Path, param: str | None = None) -> Iterator[Path]:
     """Yield a new hidden file beside `target` (same suffix); at the end of the block it replaces `target`.
 
-    On an error, Ctrl-C, SIGTERM or SIGHUP the hidden file is removed and `target` is left as it was.
+    The folder of `target` is created when missing. On an error, Ctrl-C, SIGTERM or SIGHUP the hidden
+    file is removed and `target` is left as it was.
     """
     target = Path(target)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(target)
         work = _hidden_name(target, target.suffix)
         os.close(os.open(work, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # umask applies

@@ -53,3 +53,15 @@ def train_adapter(checkpoint: Path, data: Path, out: Path, iters: int = 12, **op
     args = TrainingArgs(iters=iters, learning_rate=1e-2, steps_per_eval=iters, val_batches=1, **options)
     train(model, splits["train"], splits["valid"], args, save=lambda it: save_adapter(model, out, config))
     return out
+
+
+def random_adapter(checkpoint: Path, out: Path, seed: int = 0, scale: float = 0.5) -> Path:
+    """An adapter on every layer with random (non-zero) lora_B, saved to `out`: it surely changes outputs."""
+    model, _ = load(checkpoint)
+    config = lora_config(model)
+    mx.random.seed(seed)
+    apply_lora(model, config)
+    for _, module in model.named_modules():
+        if hasattr(module, "lora_B"):
+            module.lora_B = scale * mx.random.normal(module.lora_B.shape)
+    return save_adapter(model, out, config)

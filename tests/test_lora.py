@@ -13,7 +13,6 @@ from mlx.utils import tree_flatten
 
 from mlx_xglm import XGLMError, convert, load
 from mlx_xglm.checkpoints.adapters import read_adapter_weights
-from mlx_xglm.checkpoints.atomic import write_atomically
 from mlx_xglm.tuning import (
     LoRALinear,
     TrainingArgs,
@@ -226,19 +225,6 @@ def test_adapter_files_are_peft_named(trained):
     names = set(mx.load(str(trained / "adapter_model.safetensors")))
     assert "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight" in names
     assert "base_model.model.model.layers.1.fc2.lora_B.weight" in names and len(names) == 6
-
-
-def test_a_failed_save_keeps_the_previous_file(tmp_path):
-    target = tmp_path / "adapter_model.safetensors"
-    target.write_bytes(b"old")
-
-    def fail(path):
-        path.write_bytes(b"half")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        write_atomically(target, fail)
-    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
 def test_saved_adapter_reloads_exactly(tiny_checkpoint, trained, tmp_path):

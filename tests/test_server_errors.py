@@ -178,5 +178,5 @@ def test_a_bad_chat_template_is_one_line_naming_the_flag(tiny_checkpoint):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: --chat-template: template must contain {message} exactly once, got 'Q: A:'"
+        "error: --chat-template must contain {message} exactly once, got 'Q: A:'"
     ]

@@ -21,7 +21,7 @@ from mlx.utils import tree_unflatten
 
 from ..errors import XGLMError
 from ..model.lora import LoRALinear
-from .atomic import write_atomically
+from ..outputs import save_safetensors, staged_file
 from .torch_bin import read_torch_bin
 
 CONFIG_FILE = "adapter_config.json"
@@ -129,11 +129,9 @@ def _adapter_folder(adapter_path: str | Path) -> Path:
     path = Path(adapter_path).expanduser()
     # Not a folder, and not a Hub repo id ("owner/name") either.
     if path.is_file():
-        raise XGLMError(
-            f"adapter folder {path} is a file; pass the folder that holds it", param="adapter_path"
-        )
+        raise XGLMError(f"adapter_path {path} is a file; pass the folder that holds it", param="adapter_path")
     if not path.is_dir() and str(adapter_path).count("/") != 1:
-        raise XGLMError(f"adapter folder {path} does not exist", param="adapter_path")
+        raise XGLMError(f"adapter_path {path} does not exist", param="adapter_path")
     return resolve_model_path(adapter_path, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, LEGACY_WEIGHTS_FILE])
 
 
@@ -248,9 +246,8 @@ def save_adapter(model: nn.Module, folder: str | Path, config: LoraConfig) -> Pa
     weights = adapter_weights(model)
     mx.eval(list(weights.values()))
     text = json.dumps(config.to_peft(), indent=2, sort_keys=True) + "\n"
-    write_atomically(folder / CONFIG_FILE, lambda p: p.write_text(text, encoding="utf-8"))
-    write_atomically(
-        folder / WEIGHTS_FILE,
-        lambda p: mx.save_safetensors(str(p), weights, metadata={"format": "pt"}),
-    )
+    with staged_file(folder / CONFIG_FILE, param="adapter_path") as work:
+        work.write_text(text, encoding="utf-8")
+    with staged_file(folder / WEIGHTS_FILE, param="adapter_path") as work:
+        save_safetensors(work, weights, {"format": "pt"})
     return folder

@@ -33,7 +33,8 @@ HF_TOP_K = 50  # transformers' sampling default, which lm-eval's hf backend inhe
 class XGLMEvalModel(LM):
     """An XGLM model for lm-eval: `lm_eval --model mlx-xglm --model_args pretrained=PATH,newlines=eos`.
 
-    `pretrained` is a folder or Hub repo id (or pass `model` and `tokenizer` already loaded);
+    `pretrained` is a folder or Hub repo id (or pass `model` and `tokenizer` already loaded), with
+    `adapter_path` a PEFT LoRA adapter folder applied to it;
     `batch_size` continuations or prompts per forward pass; `newlines` "space" (default, as transformers)
     or "eos"; `max_length` the window (default `max_position_embeddings`); `seed` for sampled generation
     (each batch seeds `seed + batch index`, so results do not depend on the number of processes).
@@ -43,6 +44,7 @@ class XGLMEvalModel(LM):
         self,
         pretrained: str = "facebook/xglm-564M",
         revision: str | None = None,
+        adapter_path: str | None = None,
         batch_size: int | str = 16,
         newlines: Newlines = "space",
         max_length: int | None = None,
@@ -63,9 +65,9 @@ class XGLMEvalModel(LM):
         if self.batch_size < 1:
             raise XGLMError(f"batch_size must be 1 or more, got {self.batch_size}", param="batch_size")
         if model is None:
-            model, tokenizer = load(pretrained, revision=revision)
+            model, tokenizer = load(pretrained, revision=revision, adapter_path=adapter_path)
         self.model, self.tokenizer = model, tokenizer
-        self.pretrained = pretrained
+        self.pretrained, self.adapter_path = pretrained, adapter_path
         self.newlines = newlines
         self.max_length = int(max_length or model.config.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)

@@ -71,6 +71,7 @@ def evaluate(
     tasks: list[str] = (),
     *,
     revision: str | None = None,
+    adapter_path: str | None = None,
     include_path: str | None = None,
     num_fewshot: int | None = None,
     limit: float | None = None,
@@ -83,7 +84,8 @@ def evaluate(
 ) -> dict:
     """Run lm-eval `tasks` with the `mlx-xglm` adapter; returns lm-eval's results dict.
 
-    `model` is a folder or Hub repo id, or an `XGLMEvalModel`. The other arguments are lm-eval's:
+    `model` is a folder or Hub repo id (with `adapter_path` a LoRA adapter applied to it), or an
+    `XGLMEvalModel`. The other arguments are lm-eval's:
     `include_path` (a folder of task YAMLs), `num_fewshot`, `limit`, `batch_size`, `seed` (all four of
     lm-eval's seeds; default lm-eval's 0/1234/1234/1234), `log_samples` (per-document records under
     `results["samples"]`). With `output_path`, rank 0 writes lm-eval's results JSON (and samples JSONL)
@@ -105,10 +107,11 @@ def evaluate(
     seeds = LM_EVAL_SEEDS if seed is None else (seed,) * 4
     if isinstance(model, XGLMEvalModel):
         lm, model_args = model, {"pretrained": model.pretrained, "newlines": model.newlines}
+        if model.adapter_path:
+            model_args["adapter_path"] = model.adapter_path
     else:
         model_args = {"pretrained": model, "newlines": newlines, "seed": seeds[2]}
-        if revision:
-            model_args["revision"] = revision
+        model_args |= {k: v for k, v in (("revision", revision), ("adapter_path", adapter_path)) if v}
         lm = XGLMEvalModel(**model_args, batch_size=batch_size, group=group)
     main = world(group).rank() == 0
     staging = None

@@ -21,6 +21,18 @@ def linear_dims(layer: nn.Module) -> tuple[int, int]:
     return packed, out_dims
 
 
+def dequantized_weight(layer: nn.Module) -> mx.array:
+    """The floating-point weight of a QuantizedLinear or QuantizedEmbedding, with the layer's own settings."""
+    return mx.dequantize(
+        layer.weight,
+        layer.scales,
+        layer.get("biases"),
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
+
+
 class LoRALinear(nn.Module):
     """`base_layer` (frozen) plus `scaling * lora_B @ lora_A`; the adapter trains in float32.
 
@@ -58,17 +70,7 @@ class LoRALinear(nn.Module):
         """
         base = self.base_layer
         quantized = isinstance(base, nn.QuantizedLinear)
-        if quantized:
-            weight = mx.dequantize(
-                base.weight,
-                base.scales,
-                base.get("biases"),
-                group_size=base.group_size,
-                bits=base.bits,
-                mode=base.mode,
-            )
-        else:
-            weight = base.weight
+        weight = dequantized_weight(base) if quantized else base.weight
         in_dims, out_dims = linear_dims(base)
         has_bias = "bias" in base
         merged = nn.Linear(in_dims, out_dims, bias=has_bias)

@@ -11,9 +11,10 @@ from pathlib import Path
 import sentencepiece as spm
 
 from ..errors import XGLMError
+from ..outputs import staged_file
 from .encoding import BatchEncoding, encode_batch
 from .prompt import Newlines, check_newlines
-from .tokenizer_files import CONFIG_FILE, read_settings, write_atomically, write_configs
+from .tokenizer_files import CONFIG_FILE, read_settings, write_configs
 
 SPIECE_UNDERLINE = "\u2581"
 VOCAB_FILE = "sentencepiece.bpe.model"
@@ -264,7 +265,8 @@ class XGLMTokenizer:
             raise XGLMError(f"save_vocabulary: {folder} is not a directory")
         name = (f"{filename_prefix}-" if filename_prefix else "") + VOCAB_FILE
         target = folder / name
-        write_atomically(target, self.sp_model.serialized_model_proto())
+        with staged_file(target) as work:
+            work.write_bytes(self.sp_model.serialized_model_proto())
         return (str(target),)
 
     def save_pretrained(self, save_directory: str | Path) -> tuple[str, ...]:

@@ -60,12 +60,7 @@ def write_configs(tokenizer, folder: Path) -> list[str]:
     written = []
     for name, content in ((CONFIG_FILE, config), (SPECIAL_TOKENS_FILE, specials)):
         text = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
-        write_atomically(folder / name, text.encode("utf-8"))
+        with staged_file(folder / name) as work:
+            work.write_text(text, encoding="utf-8")
         written.append(str(folder / name))
     return written
-
-
-def write_atomically(target: Path, data: bytes) -> None:
-    """Write `data` to a hidden file beside `target`, then move it into place (see `staged_file`)."""
-    with staged_file(target) as work:
-        work.write_bytes(data)

@@ -15,12 +15,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..checkpoints.atomic import write_atomically
 from ..checkpoints.convert import MAX_SHARD_BYTES, copy_side_files, save_weights, upload_to_hub
 from ..checkpoints.loading import load_config, load_model, resolve_model_path
 from ..checkpoints.model_card import model_card
 from ..errors import XGLMError
-from ..model.lora import LoRALinear
+from ..model.lora import LoRALinear, dequantized_weight
+from ..outputs import staged_folder
 
 
 def fuse_adapters(model: nn.Module, dequantize: bool = False) -> int:
@@ -65,14 +65,8 @@ def fuse(
         config["torch_dtype"] = str(embed.dtype).removeprefix("mlx.core.")
     config["tie_word_embeddings"] = base.config.tie_word_embeddings
 
-    try:
-        write_atomically(
-            target,
-            lambda work: _fill(work, weights, config, source, model, adapter_path, target),
-            folder=True,
-        )
-    except OSError as e:
-        raise XGLMError(f"could not write save_path {target}: {e}", param="save_path") from None
+    with staged_folder(target, param="save_path") as work:
+        _fill(work, weights, config, source, model, adapter_path, target)
     if upload_repo:
         upload_to_hub(target, upload_repo)
     return target
@@ -85,14 +79,7 @@ def _dequantize_modules(model: nn.Module, dtype: str | None) -> None:
     for path, module in model.named_modules():
         if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             continue
-        weight = mx.dequantize(
-            module.weight,
-            module.scales,
-            module.get("biases"),
-            group_size=module.group_size,
-            bits=module.bits,
-            mode=module.mode,
-        )
+        weight = dequantized_weight(module)
         weight = weight.astype(dtype) if dtype is not None else weight
         if isinstance(module, nn.QuantizedEmbedding):
             layer = nn.Embedding(*weight.shape)
