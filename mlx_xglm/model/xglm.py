@@ -18,6 +18,7 @@ import numpy as np
 from ..decoding.cache import KVCache
 from ..errors import XGLMError
 from .config_checks import config_problem
+from .dropout import Dropout, dropout_key, layer_key
 from .forward import causal_lm_forward, model_forward
 from .masks import Positions, additive_mask, causal
 
@@ -136,7 +137,7 @@ class XGLMAttention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
         self.dropout_p = config.attention_dropout
-        self.dropout = nn.Dropout(config.attention_dropout)
+        self.dropout = Dropout(config.attention_dropout)
 
     def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Queries, keys and values [B, heads, L, head_dim] of `x`."""
@@ -188,8 +189,8 @@ class XGLMDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.ffn_dim, config.d_model)
         self.final_layer_norm = nn.LayerNorm(config.d_model, eps=1e-5)
         self.activation = ACTIVATIONS[config.activation_function]
-        self.dropout = nn.Dropout(config.dropout)
-        self.activation_dropout = nn.Dropout(config.activation_dropout)
+        self.dropout = Dropout(config.dropout)
+        self.activation_dropout = Dropout(config.activation_dropout)
 
     def __call__(self, x: mx.array, mask=None, cache=None, head_mask=None, attentions=None) -> mx.array:
         """The block's output; the options are those of `XGLMAttention.__call__`."""
@@ -212,6 +213,8 @@ class XGLMModel(nn.Module):
         self.layers = [XGLMDecoderLayer(config) for _ in range(config.num_layers)]
         self.layer_norm = nn.LayerNorm(config.d_model, eps=1e-5)
         self.dropout = nn.Dropout(config.dropout)
+        # Training only: recompute each layer in the backward pass instead of keeping its activations.
+        self.grad_checkpoint = False
 
     def __call__(
         self,
@@ -232,7 +235,8 @@ class XGLMModel(nn.Module):
         `position_ids` [B, L] 0-based positions (or `Positions`), by default the cache's. `head_mask`
         [layers, heads] scales attention probabilities; lists `hidden_states` and `attentions` receive
         each layer's input (then the output) and attention probabilities. In training mode dropout and
-        layerdrop act.
+        layerdrop act, each layer's dropout drawing from one key per step (see dropout.py), and with
+        `grad_checkpoint` set the layers are recomputed in the backward pass (exactly, masks included).
         """
         cache = cache if cache is not None else [None] * len(self.layers)
         h = self.embed_tokens(inputs) * self.embed_scale if inputs_embeds is None else inputs_embeds
@@ -251,7 +255,22 @@ class XGLMModel(nn.Module):
             layerdrop = self.config.layerdrop if self.training else 0.0
             if layerdrop > 0 and mx.random.uniform().item() < layerdrop:
                 continue
-            h = layer(h, mask, layer_cache, None if head_mask is None else head_mask[i], attentions)
+            layer_head_mask = None if head_mask is None else head_mask[i]
+            if not self.training:
+                h = layer(h, mask, layer_cache, layer_head_mask, attentions)
+                continue
+
+            def run(
+                h, key=layer_key(), layer=layer, layer_cache=layer_cache, layer_head_mask=layer_head_mask
+            ):
+                with dropout_key(key):
+                    return layer(h, mask, layer_cache, layer_head_mask, attentions)
+
+            # Checkpointing keeps only the layer's input and reruns it in the backward pass; the key, drawn
+            # once out here, makes the rerun draw the dropout masks of the first run.
+            if self.grad_checkpoint and layer_cache is None and attentions is None:
+                run = nn.utils.checkpoint(layer, run)
+            h = run(h)
         h = self.layer_norm(h)
         if hidden_states is not None:
             hidden_states.append(h)
