@@ -12,7 +12,7 @@ from lora_fixtures import data_folder
 from mlx.utils import tree_flatten
 
 from mlx_xglm import load
-from mlx_xglm.model import xglm
+from mlx_xglm.model import dropout
 from mlx_xglm.tuning import LoRALinear, TrainingArgs, apply_lora, load_dataset, lora_config, train
 
 IDS = mx.array([[2, 100, 200, 300, 400, 500, 17, 33, 9, 41], [2, 7, 8, 9, 10, 11, 12, 13, 14, 15]])
@@ -65,7 +65,7 @@ def test_checkpointed_gradients_equal_plain_ones_with_dropout_on(model):
 def test_redrawn_masks_would_be_caught(model, monkeypatch):
     """A naive checkpoint (dropout from the global generator, redrawn in the rerun) fails the comparison."""
     loss, plain = gradients(model, checkpoint=False)
-    monkeypatch.setattr(xglm, "dropout_key", lambda key: contextlib.nullcontext())
+    monkeypatch.setattr(dropout, "dropout_key", lambda key: contextlib.nullcontext())
     loss_naive, naive = gradients(model, checkpoint=True)
     assert largest_difference(plain, naive) > 1e-3
 

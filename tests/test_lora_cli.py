@@ -75,7 +75,7 @@ def test_yaml_config_and_flags(tiny_checkpoint, data, mlx_xglm, tmp_path):
 
 
 def test_grad_checkpoint_flag_and_yaml_key_train_the_same_adapter(tiny_checkpoint, data, mlx_xglm, tmp_path):
-    """With dropout on (the tiny model's and the adapters'), checkpointed runs give the plain run's weights."""
+    """With dropout on (the model's and the adapters'), checkpointed runs give the plain run's weights."""
     args = ["lora", "--model", tiny_checkpoint, "--train", "--data", data, "--iters", 3, "--dropout", 0.2]
     args += ["--val-batches", 0, "--learning-rate", 1e-2]
     config = tmp_path / "lora.yaml"

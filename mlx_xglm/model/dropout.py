@@ -33,6 +33,18 @@ def dropout_key(key: mx.array):
         _sequences.pop()
 
 
+def keyed_call(layer: nn.Module, checkpoint: bool, h: mx.array, *args) -> mx.array:
+    """`layer(h, *args)` with its dropout drawn from a fresh key; with `checkpoint` the layer keeps only
+    `h` and runs again in the backward pass, the same key giving the same masks."""
+    key = layer_key()
+
+    def run(h: mx.array) -> mx.array:
+        with dropout_key(key):
+            return layer(h, *args)
+
+    return nn.utils.checkpoint(layer, run)(h) if checkpoint else run(h)
+
+
 class Dropout(nn.Dropout):
     """mlx's Dropout, drawing from the innermost `dropout_key` block's sequence when there is one."""
 

@@ -18,7 +18,7 @@ import numpy as np
 from ..decoding.cache import KVCache
 from ..errors import XGLMError
 from .config_checks import config_problem
-from .dropout import Dropout, dropout_key, layer_key
+from .dropout import Dropout, keyed_call
 from .forward import causal_lm_forward, model_forward
 from .masks import Positions, additive_mask, causal
 
@@ -255,22 +255,13 @@ class XGLMModel(nn.Module):
             layerdrop = self.config.layerdrop if self.training else 0.0
             if layerdrop > 0 and mx.random.uniform().item() < layerdrop:
                 continue
-            layer_head_mask = None if head_mask is None else head_mask[i]
-            if not self.training:
-                h = layer(h, mask, layer_cache, layer_head_mask, attentions)
-                continue
-
-            def run(
-                h, key=layer_key(), layer=layer, layer_cache=layer_cache, layer_head_mask=layer_head_mask
-            ):
-                with dropout_key(key):
-                    return layer(h, mask, layer_cache, layer_head_mask, attentions)
-
-            # Checkpointing keeps only the layer's input and reruns it in the backward pass; the key, drawn
-            # once out here, makes the rerun draw the dropout masks of the first run.
-            if self.grad_checkpoint and layer_cache is None and attentions is None:
-                run = nn.utils.checkpoint(layer, run)
-            h = run(h)
+            args = (mask, layer_cache, None if head_mask is None else head_mask[i], attentions)
+            if self.training:
+                # Exact checkpointing: the rerun in the backward pass redraws the first run's masks.
+                checkpoint = self.grad_checkpoint and layer_cache is None and attentions is None
+                h = keyed_call(layer, checkpoint, h, *args)
+            else:
+                h = layer(h, *args)
         h = self.layer_norm(h)
         if hidden_states is not None:
             hidden_states.append(h)
