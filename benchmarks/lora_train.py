@@ -40,7 +40,12 @@ def measure(args: argparse.Namespace) -> dict:
     reports = []
     mx.reset_peak_memory()
     train_args = TrainingArgs(
-        iters=args.steps + 1, batch_size=args.batch_size, val_batches=0, steps_per_report=1, save_every=10**9
+        iters=args.steps + 1,
+        batch_size=args.batch_size,
+        val_batches=0,
+        steps_per_report=1,
+        save_every=10**9,
+        grad_checkpoint=args.grad_checkpoint,
     )
     train(model, rows, rows, train_args, save=lambda it: None, callback=reports.append)
     # The first step pays for allocations and warm-up; report the rest.
@@ -119,6 +124,7 @@ def describe(args: argparse.Namespace) -> str:
     return (
         f"{args.preset} widths, {args.layers} layers, {base}, batch {args.batch_size} x {args.seq_len} "
         f"tokens, rank {args.rank}, {platform.machine()} {mx.default_device()}, {blas}"
+        + (", gradient checkpointing" if getattr(args, "grad_checkpoint", False) else "")
     )
 
 
@@ -134,11 +140,16 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument(
+        "--grad-checkpoint", action="store_true", help="recompute layers in the backward pass"
+    )
     parser.add_argument("--compare", action="store_true", help="alternate with transformers + peft on torch")
     parser.add_argument("--trials", type=int, default=3, help="alternating trials with --compare")
     parser.add_argument("--backend", choices=["mlx", "torch"], default="mlx", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.compare and args.grad_checkpoint:
+        parser.error("--grad-checkpoint measures mlx-xglm alone; leave out --compare")
     if args.compare:
         compare(args)
     else:

@@ -65,6 +65,7 @@ DEFAULTS = {
     "save_every": 100,
     "resume_adapter_file": None,
     "seed": 0,
+    "grad_checkpoint": False,
     "adapter_path": "adapters",
     "test": False,
     "test_batches": 500,
@@ -112,6 +113,12 @@ def register(subparsers) -> None:
     flag("--save-every", type=int, metavar="N", help="steps between adapter saves (default: 100)")
     flag(
         "--resume-adapter-file", metavar="F", help="start from this adapter_model.safetensors (or its folder)"
+    )
+    flag(
+        "--grad-checkpoint",
+        action="store_true",
+        default=None,
+        help="recompute each layer in the backward pass: less memory, more compute",
     )
     flag(
         "--seed", type=int, metavar="N", help="seed of the adapter init, dropout and batch order (default: 0)"
@@ -190,6 +197,7 @@ def _run(s: argparse.Namespace) -> int:
         save_every=s.save_every,
         mask_prompt=s.mask_prompt,
         seed=s.seed,
+        grad_checkpoint=s.grad_checkpoint,
     )
     args.check()
     if s.test_batches == 0 or s.test_batches < -1:

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 from xglm_fixtures import fill_hub_cache, hub_config, random_weights
 
 from mlx_xglm import XGLMError, XGLMForCausalLM, XGLMTokenizer, load
-from mlx_xglm.model.xglm import sinusoidal_table
+from mlx_xglm.model.positions import sinusoidal_table
 
 
 def logits_of(model, ids=(2, 10, 20, 30)):

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 
+import mlx.core as mx
+import numpy as np
 import pytest
 from lora_fixtures import data_folder
 
@@ -70,6 +72,22 @@ def test_yaml_config_and_flags(tiny_checkpoint, data, mlx_xglm, tmp_path):
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
     assert (saved["r"], saved["lora_alpha"], saved["target_modules"]) == (2, 2.0, ["q_proj", "fc1"])
+
+
+def test_grad_checkpoint_flag_and_yaml_key_train_the_same_adapter(tiny_checkpoint, data, mlx_xglm, tmp_path):
+    """With dropout on (the model's and the adapters'), checkpointed runs give the plain run's weights."""
+    args = ["lora", "--model", tiny_checkpoint, "--train", "--data", data, "--iters", 3, "--dropout", 0.2]
+    args += ["--val-batches", 0, "--learning-rate", 1e-2]
+    config = tmp_path / "lora.yaml"
+    config.write_text("grad_checkpoint: true\n")
+    weights = []
+    for name, extra in (("plain", []), ("flag", ["--grad-checkpoint"]), ("yaml", ["-c", config])):
+        result = mlx_xglm(*args, *extra, "--adapter-path", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        assert "Iter 3: Train loss " in result.stdout
+        weights.append(mx.load(str(tmp_path / name / "adapter_model.safetensors")))
+    for other in weights[1:]:
+        assert max(np.abs(np.array(weights[0][k]) - np.array(other[k])).max() for k in weights[0]) <= 1e-5
 
 
 def test_generate_with_adapter_path_uses_the_adapter(tiny_checkpoint, cli_adapter, mlx_xglm):

@@ -8,7 +8,7 @@ import pytest
 from reference import reference_logits, reference_model
 
 from mlx_xglm import XGLMConfig, XGLMError, XGLMForCausalLM, XGLMModel, load
-from mlx_xglm.model.xglm import sinusoidal_table
+from mlx_xglm.model.positions import sinusoidal_table
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

@@ -17,7 +17,7 @@ from xglm_fixtures import hub_config, random_weights, write_tokenizer_files
 
 from mlx_xglm import XGLMError, convert, load
 from mlx_xglm.checkpoints.torch_bin import read_torch_bin
-from mlx_xglm.model.xglm import sinusoidal_table
+from mlx_xglm.model.positions import sinusoidal_table
 
 torch = pytest.importorskip("torch")
 

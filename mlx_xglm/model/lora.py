@@ -12,6 +12,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .dropout import Dropout
+
 
 def linear_dims(layer: nn.Module) -> tuple[int, int]:
     """(input, output) widths of an nn.Linear or nn.QuantizedLinear."""
@@ -47,7 +49,7 @@ class LoRALinear(nn.Module):
         self.base_layer.freeze()
         self.r = r
         self.scaling = scaling
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.dropout = Dropout(dropout) if dropout > 0 else None
         bound = 1 / math.sqrt(in_dims)
         self.lora_A = mx.random.uniform(-bound, bound, (r, in_dims))
         self.lora_B = mx.zeros((out_dims, r))

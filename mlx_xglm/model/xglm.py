@@ -1,31 +1,26 @@
 """XGLM decoder in MLX: the math of transformers' XGLMModel / XGLMForCausalLM.
 
-The network reads top to bottom in the order data flows: config, positions, attention, block, model, head.
-It knows nothing about files, sampling or the terminal; `sanitize` is where checkpoint names meet modules.
+The network reads top to bottom in the order data flows: attention, block, model, head (the config and the
+position table have files of their own: config.py, positions.py). It knows nothing about files, sampling
+or the terminal; `sanitize` is where checkpoint names meet modules.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from ..decoding.cache import KVCache
-from ..errors import XGLMError
-from .config_checks import config_problem
+from .config import ACTIVATIONS, XGLMConfig
+from .dropout import Dropout, keyed_call
 from .forward import causal_lm_forward, model_forward
 from .fused import CompiledHalves, fused_in_place, project_qkv
 from .masks import Positions, additive_mask, causal
+from .positions import XGLMSinusoidalPositionalEmbedding
 
-# fairseq reserves rows 0 and 1 of the position table (row 1 is the padding row), so the first real token
-# reads row 2.
-POSITION_OFFSET = 2
 # At inference, inputs of at most this many positions per row (decoding steps, speculative checks) run each
 # layer's cache-free parts compiled: the host then builds a few nodes per layer instead of dozens, which is
 # what bounds a small model's decoding. Longer inputs (prompts) are bound by arithmetic and run as written.
@@ -36,108 +31,6 @@ COMPILES = os.environ.get("MLX_XGLM_COMPILE", str(int(mx.default_device() == mx.
 COMPILE_MAX_LENGTH = 8 if COMPILES else 0
 
 
-@dataclass
-class XGLMConfig:
-    """The fields and defaults of transformers' XGLMConfig (a checkpoint's `config.json`)."""
-
-    vocab_size: int = 256008
-    max_position_embeddings: int = 2048
-    d_model: int = 1024
-    ffn_dim: int = 4096
-    num_layers: int = 24
-    attention_heads: int = 16
-    activation_function: str = "gelu"
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    activation_dropout: float = 0.0
-    layerdrop: float = 0.0
-    init_std: float = 0.02
-    scale_embedding: bool = True
-    use_cache: bool = True
-    decoder_start_token_id: int = 2
-    pad_token_id: int = 1
-    bos_token_id: int = 0
-    eos_token_id: int = 2
-    # False only for checkpoints whose lm_head.weight differs from the embedding (kept as its own matrix).
-    tie_word_embeddings: bool = True
-
-    def __post_init__(self):
-        problem = config_problem(self, ACTIVATIONS, POSITION_OFFSET)
-        if problem is not None:
-            field, message = problem
-            raise XGLMError(f"config field {field} {message}, got {getattr(self, field)!r}", param=field)
-
-    @classmethod
-    def from_dict(cls, config: dict, source: str | Path | None = None) -> XGLMConfig:
-        """Build a config from a `config.json` mapping, ignoring keys XGLM does not define.
-
-        Every field is checked: a bad one is an XGLMError naming the field and `source`, its file.
-        """
-        fields = inspect.signature(cls).parameters
-        try:
-            return cls(**{k: v for k, v in config.items() if k in fields})
-        except XGLMError as e:
-            if source is None:
-                raise
-            raise XGLMError(f"{source}: {e}", param=e.param) from None
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.attention_heads
-
-
-ACTIVATIONS = {
-    "gelu": nn.gelu,  # exact erf GELU, as transformers' "gelu"
-    "gelu_new": nn.gelu_approx,  # tanh approximation
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-}
-
-
-def sinusoidal_table(num_positions: int, dim: int, padding_idx: int) -> np.ndarray:
-    """fairseq's sinusoid table: sin and cos halves concatenated, computed in float32 like torch."""
-    half = dim // 2
-    # fairseq divides by (half - 1), not half: the last frequency is exactly 1/10000.
-    step = math.log(10000) / (half - 1)
-    freqs = np.exp(np.arange(half, dtype=np.float32) * np.float32(-step))
-    angles = np.arange(num_positions, dtype=np.float32)[:, None] * freqs[None, :]
-    table = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-    if dim % 2 == 1:
-        table = np.concatenate([table, np.zeros((num_positions, 1), np.float32)], axis=1)
-    table[padding_idx] = 0.0
-    return table
-
-
-class XGLMSinusoidalPositionalEmbedding(nn.Module):
-    """Fixed sinusoidal positions; the table grows on demand instead of failing past its size."""
-
-    def __init__(self, num_positions: int, dim: int, padding_idx: int):
-        super().__init__()
-        self.dim = dim
-        self.padding_idx = padding_idx
-        # Underscored: a buffer, not a parameter, so it is neither loaded, saved nor quantized.
-        self._table = mx.array(sinusoidal_table(num_positions + POSITION_OFFSET, dim, padding_idx))
-
-    def __call__(self, positions: Positions, dtype=mx.float32) -> mx.array:
-        """Rows for `positions` in `dtype`: [L, dim] for a shared range, else [B, L, dim]; the table grows
-        to fit, and is cast once per dtype rather than at every step."""
-        table = self._rows(positions.end + POSITION_OFFSET, dtype)
-        if positions.ids is None:
-            return table[positions.start + POSITION_OFFSET : positions.end + POSITION_OFFSET]
-        return table[positions.ids + POSITION_OFFSET]
-
-    def _rows(self, needed: int, dtype) -> mx.array:
-        if needed > self._table.shape[0]:
-            size = max(needed, 2 * self._table.shape[0])
-            self._table = mx.array(sinusoidal_table(size, self.dim, self.padding_idx))
-        if dtype == self._table.dtype:
-            return self._table
-        if self.get("_cast") is None or self._cast.dtype != dtype or len(self._cast) != len(self._table):
-            self._cast = self._table.astype(dtype)
-        return self._cast
-
-
 class XGLMAttention(nn.Module):
     """Multi-head self-attention; softmax in float32 on both branches (transformers #18049: NaN in fp16)."""
 
@@ -146,15 +39,13 @@ class XGLMAttention(nn.Module):
         d = config.d_model
         self.num_heads = config.attention_heads
         self.head_dim = config.head_dim
-        if self.head_dim * self.num_heads != d:
-            raise ValueError(f"d_model ({d}) must be divisible by attention_heads ({self.num_heads})")
         self.scale = self.head_dim**-0.5
         self.q_proj = nn.Linear(d, d)
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
         self.dropout_p = config.attention_dropout
-        self.dropout = nn.Dropout(config.attention_dropout)
+        self.dropout = Dropout(config.attention_dropout)
 
     def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Queries, keys and values [B, heads, L, head_dim] of `x`, in one matmul where q/k/v are fused."""
@@ -211,19 +102,14 @@ class XGLMDecoderLayer(nn.Module):
 
     def __init__(self, config: XGLMConfig):
         super().__init__()
-        if config.activation_function not in ACTIVATIONS:
-            raise ValueError(
-                f"activation_function {config.activation_function!r} is not supported; "
-                f"use one of {sorted(ACTIVATIONS)}"
-            )
         self.self_attn = XGLMAttention(config)
         self.self_attn_layer_norm = nn.LayerNorm(config.d_model, eps=1e-5)
         self.fc1 = nn.Linear(config.d_model, config.ffn_dim)
         self.fc2 = nn.Linear(config.ffn_dim, config.d_model)
         self.final_layer_norm = nn.LayerNorm(config.d_model, eps=1e-5)
         self.activation = ACTIVATIONS[config.activation_function]
-        self.dropout = nn.Dropout(config.dropout)
-        self.activation_dropout = nn.Dropout(config.activation_dropout)
+        self.dropout = Dropout(config.dropout)
+        self.activation_dropout = Dropout(config.activation_dropout)
 
     def __call__(self, x: mx.array, mask=None, cache=None, head_mask=None, attentions=None) -> mx.array:
         """The block's output; the options are those of `XGLMAttention.__call__`."""
@@ -291,6 +177,8 @@ class XGLMModel(nn.Module):
         self.layers = [XGLMDecoderLayer(config) for _ in range(config.num_layers)]
         self.layer_norm = nn.LayerNorm(config.d_model, eps=1e-5)
         self.dropout = nn.Dropout(config.dropout)
+        # Training only: recompute each layer in the backward pass instead of keeping its activations.
+        self.grad_checkpoint = False
 
     def __call__(
         self,
@@ -311,7 +199,8 @@ class XGLMModel(nn.Module):
         `position_ids` [B, L] 0-based positions (or `Positions`), by default the cache's. `head_mask`
         [layers, heads] scales attention probabilities; lists `hidden_states` and `attentions` receive
         each layer's input (then the output) and attention probabilities. In training mode dropout and
-        layerdrop act.
+        layerdrop act, each layer's dropout drawing from one key per step (see dropout.py), and with
+        `grad_checkpoint` set the layers are recomputed in the backward pass (exactly, masks included).
         """
         cache = cache if cache is not None else [None] * len(self.layers)
         h = self.embed_tokens(inputs) if inputs_embeds is None else inputs_embeds
@@ -331,7 +220,13 @@ class XGLMModel(nn.Module):
             layerdrop = self.config.layerdrop if self.training else 0.0
             if layerdrop > 0 and mx.random.uniform().item() < layerdrop:
                 continue
-            h = layer(h, mask, layer_cache, None if head_mask is None else head_mask[i], attentions)
+            args = (mask, layer_cache, None if head_mask is None else head_mask[i], attentions)
+            if self.training:
+                # Exact checkpointing: the rerun in the backward pass redraws the first run's masks.
+                checkpoint = self.grad_checkpoint and layer_cache is None and attentions is None
+                h = keyed_call(layer, checkpoint, h, *args)
+            else:
+                h = layer(h, *args)
         if self.training or length > COMPILE_MAX_LENGTH:
             h = self.layer_norm(h)
         else:

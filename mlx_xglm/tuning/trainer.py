@@ -23,7 +23,8 @@ from .data import Example, iterate_batches
 
 @dataclass
 class TrainingArgs:
-    """The settings of one run (mlx-lm's names). `val_batches`/`test batches` of -1 use the whole split."""
+    """The settings of one run (mlx-lm's names). `val_batches`/`test batches` of -1 use the whole split;
+    `grad_checkpoint` recomputes each decoder layer in the backward pass (less memory, more compute)."""
 
     iters: int = 1000
     batch_size: int = 4
@@ -34,6 +35,7 @@ class TrainingArgs:
     save_every: int = 100
     mask_prompt: bool = False
     seed: int = 0
+    grad_checkpoint: bool = False
 
     def check(self) -> None:
         """Raise XGLMError naming the first setting out of range."""
@@ -112,6 +114,7 @@ def train(
         train_set, args.batch_size, args.mask_prompt, loop=True, rng=np.random.default_rng(args.seed)
     )
     model.train()
+    model.model.grad_checkpoint = args.grad_checkpoint
     meter, done = _Meter(), 0
     try:
         _validate(model, valid_set, args, 0, callback)
@@ -128,6 +131,7 @@ def train(
         callback(TrainingUpdate("save", done))
         raise
     finally:
+        model.model.grad_checkpoint = False
         model.eval()
 
 
