@@ -22,6 +22,7 @@ from mlx.utils import tree_unflatten
 from ..errors import XGLMError
 from ..model.lora import LoRALinear
 from ..outputs import save_safetensors, staged_file
+from .json_files import read_json_object
 from .torch_bin import read_torch_bin
 
 CONFIG_FILE = "adapter_config.json"
@@ -95,12 +96,7 @@ def _pattern_key(patterns: dict, path: str) -> str | None:
 
 def read_config(file: Path) -> LoraConfig:
     """A LoraConfig from an `adapter_config.json`, refusing adapters this package cannot apply."""
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise XGLMError(f"{file} is not a readable adapter config: {e}") from None
-    if not isinstance(raw, dict):
-        raise XGLMError(f"{file} must hold a JSON object")
+    raw = read_json_object(file)
     if raw.get("peft_type", "LORA") != "LORA":
         raise XGLMError(f"{file}: peft_type {raw['peft_type']!r}; only LoRA adapters are supported")
     unsupported = {

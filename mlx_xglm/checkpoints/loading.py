@@ -17,6 +17,7 @@ from ..model.xglm import XGLMConfig, XGLMForCausalLM
 from ..tokenization.tokenizer import VOCAB_FILE, XGLMTokenizer
 from .adapters import apply_adapter
 from .hub import snapshot
+from .json_files import read_json_object
 from .quantize import apply_quantization
 from .torch_bin import TorchTensor, read_torch_bin
 
@@ -99,12 +100,7 @@ def load_config(model_path: Path) -> dict:
     config_file = model_path / "config.json"
     if not config_file.is_file():
         raise XGLMError(f"{config_file} not found; an XGLM checkpoint folder needs its config.json")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise XGLMError(f"{config_file} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise XGLMError(f"{config_file} must hold a JSON object")
+    config = read_json_object(config_file)
     model_type = config.get("model_type")
     if model_type != "xglm":
         raise XGLMError(
