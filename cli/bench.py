@@ -78,7 +78,7 @@ def _model(args):
         quantize_model(model, args.q_bits, args.q_group_size)
     if args.dtype or args.q_bits is not None:
         fuse_qkv(model)  # again: the new dtype or quantization replaced the weights load() had fused
-    mx.eval(model.parameters())
+    mx.eval(model.state)
     return model, {"model": args.model, "layers": model.config.num_layers}
 
 

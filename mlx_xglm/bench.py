@@ -66,7 +66,7 @@ def random_model(
     if q_bits is not None:
         quantize_model(model, q_bits, q_group_size)
     fuse_qkv(model)
-    mx.eval(model.parameters())
+    mx.eval(model.state)
     model.eval()
     return model
 
@@ -91,7 +91,8 @@ def make_agreeing_draft(model: XGLMForCausalLM, layers: int) -> XGLMForCausalLM:
     draft.model.layer_norm = model.model.layer_norm
     if not model.config.tie_word_embeddings:
         draft.lm_head = model.lm_head
-    mx.eval(model.parameters())
+    fuse_qkv(model)  # again: the zeroed projections replaced the views load() made
+    mx.eval(model.state)
     draft.eval()
     return draft
 

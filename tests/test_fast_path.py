@@ -1,4 +1,5 @@
-"""The decoding fast path: fused q/k/v projections and compiled layer halves give the model's own numbers."""
+"""The decoding fast path: fused q/k/v projections, transposed weight views, compiled layer halves and the
+whole compiled decoding step give the model's own numbers."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -7,8 +8,8 @@ from mlx.utils import tree_flatten
 
 from mlx_xglm import generate_step, load
 from mlx_xglm.checkpoints.quantize import mixed_recipe, quant_settings, quantization_plan
-from mlx_xglm.model import xglm
-from mlx_xglm.model.fused import fuse_qkv
+from mlx_xglm.model import compiled as compiling_module
+from mlx_xglm.model.fused import fuse_qkv, layer_norm
 
 PROMPT = mx.array([2, 100, 200, 300, 17, 5, 41, 77, 9, 250])
 
@@ -100,6 +101,20 @@ def test_new_weights_replace_the_fused_projection(model):
     assert not any("_qkv_weight" in layer.self_attn for layer in model.layers)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_new_weights_replace_the_transposed_views(model, compiled, monkeypatch):
+    compiling(monkeypatch, on=compiled)
+    plain = unfused(model)
+    decode(model)
+    assert all("_weight_t" in layer.fc1 for layer in model.layers)
+    new = {"model": {"layers": [{"fc1": {"bias": mx.ones_like(layer.fc1.bias)}} for layer in model.layers]}}
+    model.update(new)
+    plain.update(new)
+    assert_same(decode(model), decode(plain))
+    assert not any("_weight_t" in layer.fc1 for layer in model.layers)
+    assert all("_weight_t" in layer.fc2 for layer in model.layers)
+
+
 def test_a_projection_wrapped_in_an_adapter_is_not_fused(model):
     class Adapter(nn.Module):
         def __init__(self, linear):
@@ -118,17 +133,90 @@ def test_a_projection_wrapped_in_an_adapter_is_not_fused(model):
     assert fuse_qkv(model) == 0
 
 
-def test_compiled_steps_give_the_tokens_and_logprobs_of_the_model_as_written(model, monkeypatch):
-    # Compiled halves are on by default on GPUs only; force them here, whatever the device.
-    monkeypatch.setattr(xglm, "COMPILE_MAX_LENGTH", 8)
+def compiling(monkeypatch, on=True, whole_step=True):
+    # Compiling is on by default on GPUs only; force it here, whatever the device.
+    monkeypatch.setattr(compiling_module, "COMPILES", on)
+    monkeypatch.setattr(compiling_module, "COMPILE_STEP", on and whole_step)
+    monkeypatch.setattr(compiling_module, "COMPILE_MAX_LENGTH", 8 if on else 0)
+
+
+def written_steps(model, monkeypatch, prompt=PROMPT, max_tokens=20):
+    compiling(monkeypatch, on=False)
+    return list(generate_step(prompt, unfused(model), max_tokens=max_tokens))
+
+
+def assert_same_steps(got, want):
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert_same([lp for _, lp in got], [lp for _, lp in want])
+
+
+def test_compiled_halves_give_the_tokens_and_logprobs_of_the_model_as_written(model, monkeypatch):
+    compiling(monkeypatch, whole_step=False)
     compiled = list(generate_step(PROMPT, model, max_tokens=20))
-    monkeypatch.setattr(xglm, "COMPILE_MAX_LENGTH", 0)
-    written = list(generate_step(PROMPT, unfused(model), max_tokens=20))
-    assert [t for t, _ in compiled] == [t for t, _ in written]
-    assert_same([lp for _, lp in compiled], [lp for _, lp in written])
+    assert not hasattr(model, "_decode_step")
+    assert_same_steps(compiled, written_steps(model, monkeypatch))
 
 
-def test_training_after_decoding_gets_the_gradients_of_a_fresh_model(model, lively_checkpoint):
+def test_the_whole_compiled_step_gives_the_tokens_and_logprobs_of_the_model_as_written(model, monkeypatch):
+    compiling(monkeypatch)
+    compiled = list(generate_step(PROMPT, model, max_tokens=20))
+    assert model._decode_step.valid()
+    assert_same_steps(compiled, written_steps(model, monkeypatch))
+
+
+def test_the_compiled_step_goes_on_when_the_cache_grows(model, monkeypatch):
+    # A 250-token prompt fills the first 256 preallocated positions after 6 steps: the buffers grow and
+    # the step is traced again for the new size.
+    prompt = mx.array([2] + [(7 * i) % 250 + 4 for i in range(249)])
+    compiling(monkeypatch)
+    compiled = list(generate_step(prompt, model, max_tokens=12))
+    assert_same_steps(compiled, written_steps(model, monkeypatch, prompt, 12))
+
+
+def test_the_compiled_step_reads_nothing_past_a_trimmed_cache(model, monkeypatch):
+    compiling(monkeypatch)
+    cache = model.make_cache()
+    model(PROMPT[None], cache=cache)
+    for token in (5, 6, 7):
+        model(mx.array([[token]]), cache=cache)
+    for c in cache:
+        c.trim(3)
+    trimmed = model(mx.array([[9]]), cache=cache)
+    fresh = model.make_cache()
+    model(PROMPT[None], cache=fresh)
+    assert_same([trimmed], [model(mx.array([[9]]), cache=fresh)])
+    assert cache[0].offset == fresh[0].offset == len(PROMPT) + 1
+
+
+def test_the_compiled_step_decodes_rows_of_a_batch(model, monkeypatch):
+    prompts = mx.array([[2, 100, 200, 300], [2, 17, 5, 41]])
+    outputs = []
+    for on in (True, False):
+        compiling(monkeypatch, on=on)
+        cache = model.make_cache()
+        y = mx.argmax(model(prompts, cache=cache)[:, -1], axis=-1)
+        steps = []
+        for _ in range(4):
+            steps.append(model(y[:, None], cache=cache))
+            y = mx.argmax(steps[-1][:, -1], axis=-1)
+        outputs.append(steps)
+    assert_same(*outputs)
+
+
+def test_the_compiled_step_of_a_quantized_float16_model(model, monkeypatch):
+    model.set_dtype(mx.float16)
+    nn.quantize(model, group_size=32, bits=8)
+    fuse_qkv(model)
+    compiling(monkeypatch)
+    compiled = list(generate_step(PROMPT, model, max_tokens=10))
+    assert_same_steps(compiled, written_steps(model, monkeypatch, max_tokens=10))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_training_after_decoding_gets_the_gradients_of_a_fresh_model(
+    model, lively_checkpoint, compiled, monkeypatch
+):
+    compiling(monkeypatch, on=compiled)
     decode(model)
     fresh = unfused(load(lively_checkpoint)[0])
     tokens = PROMPT[None]
@@ -158,3 +246,16 @@ def test_float16_positions_are_cast_once(model):
     cast = positions._cast
     decode(model, steps=2)
     assert positions._cast is cast and cast.dtype == mx.float16
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("width", [64, 1024, 1000])
+def test_the_spelled_out_layer_norm_equals_the_module(dtype, width):
+    norm = nn.LayerNorm(width)
+    norm.update(
+        {"weight": mx.random.normal((width,)).astype(dtype), "bias": mx.random.normal((width,)).astype(dtype)}
+    )
+    x = (mx.random.normal((3, width)) * 20 + 5).astype(dtype)
+    want = norm(x)
+    for got in (layer_norm(norm, x), mx.compile(lambda x: layer_norm(norm, x))(x)):
+        assert got.dtype == want.dtype and mx.array_equal(got, want).item()

@@ -228,7 +228,9 @@ def load_model(
         apply_adapter(model, adapter_path)
     fuse_qkv(model)
     if not lazy:
-        mx.eval(model.parameters())
+        # The state, not only the parameters: the fused projections and views are made here, on this
+        # thread's stream, and another thread (the server's) can only evaluate them once they exist.
+        mx.eval(model.state)
     model.eval()
     return model
 

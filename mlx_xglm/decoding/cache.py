@@ -70,20 +70,28 @@ class KVCache(_LayerCache):
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         prev = self.offset
         needed = prev + keys.shape[2]
-        if self.keys is None or needed > self.keys.shape[2]:
-            B, H, _, D = keys.shape
-            grow = ((keys.shape[2] + self.step - 1) // self.step) * self.step
-            new_k = mx.zeros((B, H, grow, D), keys.dtype)
-            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+        if self.keys is None:
+            self.keys, self.values = keys[..., :0, :], values[..., :0, :]
+        self.reserve(keys.shape[2])
         self.offset = needed
         self.keys[..., prev:needed, :] = keys
         self.values[..., prev:needed, :] = values
         return self.keys[..., :needed, :], self.values[..., :needed, :]
+
+    def reserve(self, length: int) -> None:
+        """Make room in the buffers (which exist once the cache holds a token) for `length` more positions."""
+        prev = self.offset
+        if prev + length <= self.keys.shape[2]:
+            return
+        B, H, _, D = self.keys.shape
+        grow = ((length + self.step - 1) // self.step) * self.step
+        new_k = mx.zeros((B, H, grow, D), self.keys.dtype)
+        new_v = mx.zeros((B, H, grow, self.values.shape[3]), self.values.dtype)
+        if prev == 0:
+            self.keys, self.values = new_k, new_v
+        else:
+            self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+            self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
 
     def make_mask(self, length: int, dtype=mx.float32):
         """The attention mask for `length` new queries: causal, aligned to the end of the keys."""

@@ -1,4 +1,5 @@
-"""One q/k/v projection per attention layer, made at load time from the checkpoint's three.
+"""One q/k/v projection per attention layer, made at load time from the checkpoint's three, and the
+transposed weight views the decoding path multiplies by.
 
 Checkpoints, `convert` output and quantization recipes keep `q_proj`, `k_proj` and `v_proj`. `fuse_qkv`
 concatenates each layer's three matrices (and biases, scales) into one buffer and makes the three
@@ -7,6 +8,12 @@ three share a format: all float, or all quantized with the same bits, group size
 gives `v_proj` more bits leaves its layers separate), and all plain Linear/QuantizedLinear (a projection
 wrapped in a LoRA adapter is left alone). Once any of the three is replaced (training, `set_dtype`,
 quantizing, an adapter), the layer drops the fused buffer and goes back to its separate projections.
+
+Every float projection of a layer (the fused q/k/v, out_proj, fc1, fc2) also keeps its weight transposed
+and its bias as a row, views of the same memory made once: `x @ weight.T` would otherwise add a transpose
+and a broadcast to the graph at every step, and a small model's decoding time is the count of such nodes.
+They are used at inference only (training reads the parameters themselves, so gradients reach them) and
+dropped like the fused buffer once the weight or bias they view is replaced.
 """
 
 from __future__ import annotations
@@ -17,27 +24,32 @@ import mlx.nn as nn
 # Arrays of a projection, in the order QuantizedLinear/Linear keep them; the fused copies are named
 # "_qkv_" + name: underscored, so they are neither parameters nor saved, loaded or quantized.
 FIELDS = ("weight", "scales", "biases", "bias")
+# The views of a float projection's weight and bias, after its prefix ("_" or "_qkv_").
+VIEWS = ("weight_t", "bias_row")
+ON_GPU = mx.default_device() == mx.gpu
 
 
 class _Sources:
-    """The q/k/v weight arrays a fused buffer stands for: a plain attribute, outside the module tree."""
+    """The arrays a fused buffer or a view stands for: a plain attribute, outside the module tree."""
 
-    def __init__(self, attention: nn.Module):
-        self.arrays = self._weights(attention)
+    def __init__(self, arrays: tuple):
+        self.arrays = arrays
 
-    @staticmethod
-    def _weights(attention: nn.Module) -> tuple:
-        # Item access, not attributes: this runs at every decoding step.
-        return (
-            attention["q_proj"].get("weight"),
-            attention["k_proj"].get("weight"),
-            attention["v_proj"].get("weight"),
-        )
+    def match(self, arrays: tuple) -> bool:
+        return all(a is b for a, b in zip(arrays, self.arrays, strict=True))
 
-    def match(self, attention: nn.Module) -> bool:
-        a, b, c = self._weights(attention)
-        q, k, v = self.arrays
-        return a is q and b is k and c is v
+
+def _qkv_weights(attention: nn.Module) -> tuple:
+    # Item access, not attributes: this runs at every decoding step.
+    return (
+        attention["q_proj"].get("weight"),
+        attention["k_proj"].get("weight"),
+        attention["v_proj"].get("weight"),
+    )
+
+
+def _linear_arrays(linear: nn.Module) -> tuple:
+    return linear.get("weight"), linear.get("bias")
 
 
 def _format(module: nn.Module) -> tuple | None:
@@ -48,20 +60,32 @@ def _format(module: nn.Module) -> tuple | None:
     return None
 
 
-def _drop(attention: nn.Module) -> None:
-    for name in FIELDS:
-        attention.pop(f"_qkv_{name}", None)
-    attention._qkv_sources = None
+def _add_views(module: nn.Module, prefix: str, weight: mx.array, bias: mx.array | None) -> None:
+    module[prefix + "weight_t"] = weight.T
+    if bias is not None:
+        module[prefix + "bias_row"] = bias.reshape(1, -1)
+
+
+def _drop(module: nn.Module, prefix: str, fields=()) -> None:
+    for name in (*fields, *VIEWS):
+        module.pop(prefix + name, None)
+    setattr(module, prefix + "sources", None)
 
 
 def fuse_qkv(model: nn.Module) -> int:
-    """Give every attention layer of `model` whose q/k/v share a format one fused projection; returns
-    how many layers were fused. Lazy like the weights (evaluate the parameters to build it now); safe to
-    call again, e.g. after quantizing or changing the dtype."""
+    """Give every attention layer of `model` whose q/k/v share a format one fused projection, and every
+    float projection its transposed views; returns how many layers were fused. Lazy like the weights
+    (evaluate the parameters to build them now); safe to call again, e.g. after quantizing or changing
+    the dtype."""
     fused = 0
     for layer in model.layers:
         attention = layer.self_attn
-        _drop(attention)
+        for linear in (attention.out_proj, layer.fc1, layer.fc2):
+            _drop(linear, "_")
+            if type(linear) is nn.Linear:
+                _add_views(linear, "_", linear["weight"], linear.get("bias"))
+                linear._sources = _Sources(_linear_arrays(linear))
+        _drop(attention, "_qkv_", FIELDS)
         projections = (attention.q_proj, attention.k_proj, attention.v_proj)
         formats = {_format(p) for p in projections}
         if len(formats) != 1 or None in formats:
@@ -76,20 +100,41 @@ def fuse_qkv(model: nn.Module) -> int:
                 p[name] = whole[start : start + rows]
                 start += rows
             attention[f"_qkv_{name}"] = whole
-        attention._qkv_sources = _Sources(attention)
+        if "_qkv_scales" not in attention:
+            _add_views(attention, "_qkv_", attention["_qkv_weight"], attention.get("_qkv_bias"))
+        attention._qkv_sources = _Sources(_qkv_weights(attention))
         fused += 1
     return fused
 
 
-def fused_in_place(attention: nn.Module) -> bool:
-    """True while the layer's fused projection still matches its q/k/v; drops it once one was replaced."""
+def _linear_in_place(linear: nn.Module) -> None:
+    sources = getattr(linear, "_sources", None)
+    if sources is not None and not sources.match(_linear_arrays(linear)):
+        _drop(linear, "_")
+
+
+def fused_in_place(attention: nn.Module) -> None:
+    """Drop the attention's fused projection and views whose weights were replaced since they were made."""
     sources = getattr(attention, "_qkv_sources", None)
-    if sources is None:
-        return False
-    if sources.match(attention):
-        return True
-    _drop(attention)
-    return False
+    if sources is not None and not sources.match(_qkv_weights(attention)):
+        _drop(attention, "_qkv_", FIELDS)
+    _linear_in_place(attention["out_proj"])
+
+
+def views_in_place(layer: nn.Module) -> None:
+    """`fused_in_place` for the layer's attention, and the same check for its MLP's views."""
+    fused_in_place(layer["self_attn"])
+    _linear_in_place(layer["fc1"])
+    _linear_in_place(layer["fc2"])
+
+
+def linear(module: nn.Module, x: mx.array) -> mx.array:
+    """`module(x)`, through the module's transposed views at inference when it has them."""
+    weight_t = module.get("_weight_t")
+    if weight_t is None or module.training:
+        return module(x)
+    bias = module.get("_bias_row")
+    return x @ weight_t if bias is None else mx.addmm(bias, x, weight_t)
 
 
 def project_qkv(attention: nn.Module, x: mx.array) -> mx.array:
@@ -107,56 +152,27 @@ def project_qkv(attention: nn.Module, x: mx.array) -> mx.array:
             mode=q.mode,
         )
         return y + attention["_qkv_bias"] if "_qkv_bias" in attention else y
-    if "_qkv_bias" in attention:
-        return mx.addmm(attention["_qkv_bias"], x, attention["_qkv_weight"].T)
-    return x @ attention["_qkv_weight"].T
+    if "_qkv_bias_row" in attention:
+        return mx.addmm(attention["_qkv_bias_row"], x, attention["_qkv_weight_t"])
+    return x @ attention["_qkv_weight_t"]
 
 
-class CompiledHalves:
-    """A layer's two cache-free halves compiled over the arrays of the modules each one reads.
+def layer_norm(module: nn.LayerNorm, x: mx.array) -> mx.array:
+    """`module(x)`, spelled out on the CPU at inference, with the same values.
 
-    `halves` pairs each method (`layer._before_cache`, `layer._after_cache`) with those modules. The
-    arrays go in as explicit arguments, gathered at every call, so new weights are always read; while
-    tracing, the tracers stand in for them inside the real modules, so the compiled graph is exactly the
-    layer's own math, whatever the modules are (quantized, adapted). A replaced submodule or a changed set
-    of arrays makes `valid()` false, and the caller builds anew.
+    MLX has no LayerNorm kernel for the CPU: there `mx.fast.layer_norm` is composed of ops, and compiled
+    it makes five nodes. Written here with the mean's subtraction spelled twice (once as a product, once
+    as a quotient: equal for a power-of-two width, as XGLM's are; others run the module), the compiler
+    fuses each into its own kernel: four nodes, one fewer per LayerNorm and step. Not compiled, it makes
+    more nodes than the module: for compiled code only.
     """
-
-    def __init__(self, layer: nn.Module, halves):
-        modules = [m for _, m in layer.named_modules()]
-        self.children = [
-            (parent, key, child)
-            for parent in modules
-            for key, child in parent.items()
-            if isinstance(child, nn.Module)
-        ]
-        self.sizes = [(m, len(m)) for m in modules]
-        self.calls = []
-        for method, owners in halves:
-            owned = [m for owner in owners for _, m in owner.named_modules()]
-            slots = [(m, k) for m in owned for k, v in m.items() if isinstance(v, mx.array)]
-            self.calls.append((slots, mx.compile(self._traced(method, slots))))
-
-    def valid(self) -> bool:
-        for parent, key, child in self.children:
-            if parent.get(key) is not child:
-                return False
-        return all(len(m) == size for m, size in self.sizes)
-
-    def __call__(self, half: int, *args):
-        slots, compiled = self.calls[half]
-        return compiled([m[k] for m, k in slots], *args)
-
-    @staticmethod
-    def _traced(method, slots):
-        def run(arrays, *args):
-            originals = [m[k] for m, k in slots]
-            for (m, k), tracer in zip(slots, arrays, strict=True):
-                m[k] = tracer
-            try:
-                return method(*args)
-            finally:
-                for (m, k), original in zip(slots, originals, strict=True):
-                    m[k] = original
-
-        return run
+    n = x.shape[-1]
+    if ON_GPU or module.training or n & (n - 1):
+        return module(x)
+    y = x.astype(mx.float32)
+    total = y.sum(axis=-1, keepdims=True)
+    variance = mx.square(y - total * (1 / n)).sum(axis=-1, keepdims=True) * (1 / n)
+    y = ((y - total / n) * mx.rsqrt(variance + module.eps)).astype(x.dtype)
+    if "weight" in module:
+        y = y * module["weight"]
+    return y + module["bias"] if "bias" in module else y

@@ -8,27 +8,19 @@ or the terminal; `sanitize` is where checkpoint names meet modules.
 from __future__ import annotations
 
 import math
-import os
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..decoding.cache import KVCache
+from . import compiled
+from .compiled import CompiledCalls, DecodeStep, fits
 from .config import ACTIVATIONS, XGLMConfig
 from .dropout import Dropout, keyed_call
 from .forward import causal_lm_forward, model_forward
-from .fused import CompiledHalves, fused_in_place, project_qkv
+from .fused import fused_in_place, linear, project_qkv, views_in_place
 from .masks import Positions, additive_mask, causal
 from .positions import XGLMSinusoidalPositionalEmbedding
-
-# At inference, inputs of at most this many positions per row (decoding steps, speculative checks) run each
-# layer's cache-free parts compiled: the host then builds a few nodes per layer instead of dozens, which is
-# what bounds a small model's decoding. Longer inputs (prompts) are bound by arithmetic and run as written.
-# GPUs only by default: on the CPU backend mx.compile builds every new kernel with the system C++ compiler
-# (seconds on a fresh machine, SIGINT ignored while it runs, so a Ctrl-C could be lost) for little gain.
-# MLX_XGLM_COMPILE=1 or 0 forces it on or off.
-COMPILES = os.environ.get("MLX_XGLM_COMPILE", str(int(mx.default_device() == mx.gpu))) == "1"
-COMPILE_MAX_LENGTH = 8 if COMPILES else 0
 
 
 class XGLMAttention(nn.Module):
@@ -47,13 +39,14 @@ class XGLMAttention(nn.Module):
         self.dropout_p = config.attention_dropout
         self.dropout = Dropout(config.attention_dropout)
 
-    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Queries, keys and values [B, heads, L, head_dim] of `x`, in one matmul where q/k/v are fused."""
-        B, L, _ = x.shape
-        # Rows of one matrix, not [B, L, d]: a matmul over 3-D input adds two reshapes to each step.
-        x = x.reshape(B * L, -1)
+    def project(self, x: mx.array, B: int, L: int) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values [B, heads, L, head_dim] of `x` [B * L, d_model] (B rows of L positions:
+        a matmul over 3-D input adds two reshapes to each step), in one matmul where q/k/v are fused."""
         if "_qkv_weight" in self and not self.training:
-            parts = mx.split(project_qkv(self, x), 3, axis=-1)
+            qkv = project_qkv(self, x)
+            if L == 1:  # heads of q, k and v in a row: one reshape, then one split
+                return tuple(mx.split(qkv.reshape(B, 3 * self.num_heads, 1, -1), 3, axis=1))
+            parts = mx.split(qkv, 3, axis=-1)
         else:
             parts = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if L == 1:  # one position per row: the head split needs no transpose
@@ -64,7 +57,7 @@ class XGLMAttention(nn.Module):
         """The heads' outputs [B, heads, L, head_dim] merged and projected back, [B * L, d_model]."""
         B, _, L, _ = out.shape
         merged = out.reshape(B, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B * L, -1)
-        return self.out_proj(merged)
+        return linear(self.out_proj, merged)
 
     def __call__(self, x: mx.array, mask=None, cache=None, head_mask=None, attentions=None) -> mx.array:
         """Attention output [B, L, d_model]; `mask` is None, "causal", boolean or additive over [L, S].
@@ -74,7 +67,8 @@ class XGLMAttention(nn.Module):
         kernel runs.
         """
         fused_in_place(self)
-        q, k, v = self.project(x)
+        B, L, _ = x.shape
+        q, k, v = self.project(x.reshape(B * L, -1), B, L)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         return self.output(self.attend(q, k, v, mask, head_mask, attentions)).reshape(x.shape)
@@ -113,54 +107,47 @@ class XGLMDecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, mask=None, cache=None, head_mask=None, attentions=None) -> mx.array:
         """The block's output; the options are those of `XGLMAttention.__call__`."""
-        fused_in_place(self.self_attn)
-        if self.training or x.shape[1] > COMPILE_MAX_LENGTH:
-            q, k, v = self._before_cache(x)
-        else:
-            compiled = self._compiled()
-            q, k, v = compiled(0, x)
+        views_in_place(self)
+        B, L, d = x.shape
+        rows = x.reshape(B * L, d)
+        if self.training or L > compiled.COMPILE_MAX_LENGTH:
+            return self.run(rows, B, L, mask, cache, head_mask, attentions).reshape(B, L, d)
+        halves = self._compiled()
+        q, k, v = halves(0, rows, B, L)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         attended = self.self_attn.attend(q, k, v, mask, head_mask, attentions)
-        if self.training or x.shape[1] > COMPILE_MAX_LENGTH:
-            return self._after_cache(x, attended)
-        return compiled(1, x, attended)
+        return halves(1, rows, attended).reshape(B, L, d)
 
-    def _before_cache(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        return self.self_attn.project(self.self_attn_layer_norm(x))
+    def run(self, rows: mx.array, B: int, L: int, mask=None, cache=None, head_mask=None, attentions=None):
+        """The block over `rows` [B * L, d_model] (B rows of L positions) as written: nothing compiled and
+        nothing checked (`__call__` checks the views). Returns rows."""
+        q, k, v = self._before_cache(rows, B, L)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        return self._after_cache(rows, self.self_attn.attend(q, k, v, mask, head_mask, attentions))
 
-    def _after_cache(self, x: mx.array, attended: mx.array) -> mx.array:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1]) + self.dropout(self.self_attn.output(attended))
-        h = self.activation_dropout(self.activation(self.fc1(self.final_layer_norm(x))))
-        return (x + self.dropout(self.fc2(h))).reshape(shape)
+    def _before_cache(self, rows: mx.array, B: int, L: int) -> tuple[mx.array, mx.array, mx.array]:
+        return self.self_attn.project(compiled.norm(self.self_attn_layer_norm, rows), B, L)
 
-    def _compiled(self) -> CompiledHalves:
-        """The halves compiled over the layer's arrays (see fused.py), rebuilt when its modules change."""
-        compiled = getattr(self, "_compiled_halves", None)
-        if compiled is None or not compiled.valid():
+    def _after_cache(self, rows: mx.array, attended: mx.array) -> mx.array:
+        rows = rows + self.dropout(self.self_attn.output(attended))
+        h = self.activation_dropout(
+            self.activation(linear(self.fc1, compiled.norm(self.final_layer_norm, rows)))
+        )
+        return rows + self.dropout(linear(self.fc2, h))
+
+    def _compiled(self) -> CompiledCalls:
+        """The halves compiled over the layer's arrays (see compiled.py), rebuilt when its modules change."""
+        halves = getattr(self, "_compiled_halves", None)
+        if halves is None or not halves.valid():
             attention = self.self_attn
-            halves = [
+            calls = [
                 (self._before_cache, [self.self_attn_layer_norm, attention]),
                 (self._after_cache, [attention.out_proj, self.final_layer_norm, self.fc1, self.fc2]),
             ]
-            compiled = self._compiled_halves = CompiledHalves(self, halves)
-        return compiled
-
-
-def _scale_and_add(embeddings: mx.array, scale: float, positions: mx.array) -> mx.array:
-    # One kernel instead of a multiply and an add at every step, where compiling is on.
-    return embeddings * scale + positions
-
-
-def _layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
-    # The fast LayerNorm is a dozen small ops; compiled, a few.
-    return mx.fast.layer_norm(x, weight, bias, eps)
-
-
-if COMPILES:
-    _scale_and_add = mx.compile(_scale_and_add, shapeless=True)
-    _layer_norm = mx.compile(_layer_norm)
+            halves = self._compiled_halves = CompiledCalls(self, calls)
+        return halves
 
 
 class XGLMModel(nn.Module):
@@ -203,14 +190,12 @@ class XGLMModel(nn.Module):
         `grad_checkpoint` set the layers are recomputed in the backward pass (exactly, masks included).
         """
         cache = cache if cache is not None else [None] * len(self.layers)
-        h = self.embed_tokens(inputs) if inputs_embeds is None else inputs_embeds
-        length = h.shape[1]
+        length = (inputs if inputs_embeds is None else inputs_embeds).shape[1]
         if position_ids is None:
             positions = Positions.range(0, length) if cache[0] is None else cache[0].make_positions(length)
         else:
             positions = position_ids if isinstance(position_ids, Positions) else Positions.given(position_ids)
-        scale = self.embed_scale if inputs_embeds is None else 1.0
-        h = self.dropout(_scale_and_add(h, scale, self.embed_positions(positions, h.dtype)))
+        h = self.embed(inputs, positions, inputs_embeds)
         if mask is None:
             mask = causal(length) if cache[0] is None else cache[0].make_mask(length, h.dtype)
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
@@ -227,14 +212,20 @@ class XGLMModel(nn.Module):
                 h = keyed_call(layer, checkpoint, h, *args)
             else:
                 h = layer(h, *args)
-        if self.training or length > COMPILE_MAX_LENGTH:
+        if self.training or length > compiled.COMPILE_MAX_LENGTH:
             h = self.layer_norm(h)
         else:
             norm = self.layer_norm
-            h = _layer_norm(h, norm.weight, norm.bias, norm.eps)
+            h = compiled.final_layer_norm(h, norm.weight, norm.bias, norm.eps)
         if hidden_states is not None:
             hidden_states.append(h)
         return h
+
+    def embed(self, inputs: mx.array | None, positions: Positions, inputs_embeds: mx.array | None = None):
+        """The decoder's input: scaled token embeddings (or `inputs_embeds` as given) plus positions."""
+        h = self.embed_tokens(inputs) if inputs_embeds is None else inputs_embeds
+        scale = self.embed_scale if inputs_embeds is None else 1.0
+        return self.dropout(compiled.scale_and_add(h, scale, self.embed_positions(positions, h.dtype)))
 
     # The full forward (attention masks, hidden states, attentions, head_mask) packaged as transformers does.
     forward = model_forward
@@ -264,6 +255,17 @@ class XGLMForCausalLM(nn.Module):
         `logits_to_keep=n` (as in transformers) returns the logits of the last n positions only: the head
         is a d_model x vocab_size matmul per position, so a prompt's first token needs just one.
         """
+        if (
+            compiled.COMPILE_STEP
+            and mask is None
+            and position_ids is None
+            and not self.training
+            and fits(cache, inputs)
+        ):
+            step = getattr(self, "_decode_step", None)
+            if step is None:
+                step = self._decode_step = DecodeStep(self)
+            return step(inputs, cache)
         h = self.model(inputs, cache=cache, mask=mask, position_ids=position_ids)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
