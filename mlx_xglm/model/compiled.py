@@ -149,13 +149,12 @@ class DecodeStep:
         """Logits [B, 1, vocab] of `inputs` [B, 1]; the caches take the new keys and values."""
         for layer in self.model.layers:
             views_in_place(layer)
-        if not self.valid():
-            self.compiled = CompiledCalls(self.model, [(self._step, [self.model])])
         for c in cache:
             c.reserve(1)
-        size = cache[0].keys.shape[2]
         # The position table is grown and cast out here, so the trace only reads it.
-        self.model.model.embed_positions.prepare(size, cache[0].keys.dtype)
+        self.model.model.embed_positions.prepare(cache[0].keys.shape[2], cache[0].keys.dtype)
+        if not self.valid():
+            self.compiled = CompiledCalls(self.model, [(self._step, [self.model])])
         offset = mx.array(cache[0].offset)
         logits, buffers = self.compiled(0, inputs, offset, [(c.keys, c.values) for c in cache])
         for c, (keys, values) in zip(cache, buffers, strict=True):
