@@ -162,6 +162,14 @@ def available(name: str, args) -> bool:
     return True
 
 
+def append_table(output: Path, rows: list[str]) -> None:
+    """Append a table's lines to the results file `output` and print them."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("a", encoding="utf-8") as f:
+        f.write("\n".join(rows) + "\n\n")
+    print("\n".join(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -239,10 +247,7 @@ def main() -> None:
         peak = f"{max(peaks):.2f}" if peaks else "n/a"
         ratios = f"{prompt / ours_prompt:.2f}x | {gen / ours:.2f}x"
         rows.append(f"| {name} | {prompt:.1f} | {gen:.2f} | {peak} | {ratios} |")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with args.output.open("a", encoding="utf-8") as f:
-        f.write("\n".join(rows) + "\n\n")
-    print("\n".join(rows))
+    append_table(args.output, rows)
 
 
 if __name__ == "__main__":

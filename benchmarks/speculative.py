@@ -18,7 +18,7 @@ import platform
 from pathlib import Path
 
 import mlx.core as mx
-from compare import SHAPES
+from compare import SHAPES, append_table
 
 from mlx_xglm import bench, generate_step, speculative_generate_step
 from mlx_xglm.bench import benchmark, make_agreeing_draft, random_model
@@ -79,10 +79,7 @@ def main() -> None:
         f"| speculative | {result.stat('seconds', 'median'):.2f} | {summary['generation_tps']:.1f} | "
         f"{summary['acceptance']:.0%} | {summary['speculative_speedup']:.2f}x | {'yes' if same else 'NO'} |",
     ]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with args.output.open("a", encoding="utf-8") as f:
-        f.write("\n".join(rows) + "\n\n")
-    print("\n".join(rows))
+    append_table(args.output, rows)
 
 
 if __name__ == "__main__":

@@ -75,3 +75,11 @@ def lively_checkpoint(tmp_path_factory, sp_model) -> Path:
     return build_checkpoint(
         tmp_path_factory.mktemp("lively"), sp_model, weights=weights, scale_embedding=False
     )
+
+
+@pytest.fixture(scope="module")
+def lively(lively_checkpoint):
+    """The lively checkpoint loaded: (model, tokenizer), once per test module."""
+    from mlx_xglm import load
+
+    return load(lively_checkpoint)

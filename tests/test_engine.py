@@ -9,7 +9,6 @@ from mlx_xglm import (
     XGLMError,
     batch_generate,
     generate_step,
-    load,
     make_logits_processors,
     make_prompt_cache,
     stream_generate,
@@ -23,11 +22,6 @@ PROMPTS = [
     "Le renard brun rapide saute par-dessus le chien paresseux. Où est la bibliothèque?",
     "Hello",
 ]
-
-
-@pytest.fixture(scope="module")
-def lively(lively_checkpoint):
-    return load(lively_checkpoint)
 
 
 @pytest.fixture(scope="module")

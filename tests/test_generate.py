@@ -31,11 +31,6 @@ PROMPTS = [
 VARIED = {"repetition_penalty": 1.3, "repetition_context_size": None}
 
 
-@pytest.fixture(scope="module")
-def lively(lively_checkpoint):
-    return load(lively_checkpoint)
-
-
 def greedy_ids(model, ids, max_tokens, **processors):
     lp = make_logits_processors(**processors) if processors else None
     out = [t for t, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens, logits_processors=lp)]

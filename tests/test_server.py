@@ -11,7 +11,7 @@ import pytest
 from reference import reference_logits, reference_model
 from xglm_fixtures import ServerProcess
 
-from mlx_xglm import generate, load
+from mlx_xglm import generate
 from mlx_xglm.decoding.chat import chat_prompt_ids
 
 openai = pytest.importorskip("openai")
@@ -26,11 +26,6 @@ PROMPTS = [
     "Ciao",
     "Olá",
 ]
-
-
-@pytest.fixture(scope="module")
-def lively(lively_checkpoint):
-    return load(lively_checkpoint)
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ class KVCache(_LayerCache):
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         prev = self.offset
         needed = prev + keys.shape[2]
-        if self.keys is None:
+        if self.keys is None:  # empty buffers of the right shape and dtype; `reserve` allocates
             self.keys, self.values = keys[..., :0, :], values[..., :0, :]
         self.reserve(keys.shape[2])
         self.offset = needed
