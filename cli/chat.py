@@ -13,10 +13,12 @@ from mlx_xglm.decoding.chat import DEFAULT_TEMPLATE, Conversation, split_templat
 from .options import (
     add_adapter_arg,
     add_draft_args,
+    add_kv_cache_args,
     add_model_args,
     add_sampling_args,
     check_utf8,
     help_formatter,
+    kv_cache_from,
     load_draft,
     load_model,
     sampling_from,
@@ -63,12 +65,14 @@ def register(subparsers) -> None:
     )
     add_sampling_args(parser, max_tokens=256)
     add_draft_args(parser)
+    add_kv_cache_args(parser)
     parser.set_defaults(run=run, usage_error=parser.error)
 
 
 def run(args: argparse.Namespace) -> int:
     renderer = Renderer()
     sampling = sampling_from(args)
+    sampling.update(kv_cache_from(args))
     template = unescape(check_utf8(args.template, "--template"))
     split_template(template)
     model, tokenizer, _ = load_model(args.model, args.revision, renderer.spinner, args.adapter_path)

@@ -25,10 +25,12 @@ from mlx_xglm.tokenization import NEWLINES, prompt_ids
 from .options import (
     add_adapter_arg,
     add_draft_args,
+    add_kv_cache_args,
     add_model_args,
     add_sampling_args,
     check_utf8,
     help_formatter,
+    kv_cache_from,
     load_draft,
     load_model,
     sampling_from,
@@ -71,6 +73,7 @@ def register(subparsers) -> None:
     )
     add_sampling_args(parser, max_tokens=100)
     add_draft_args(parser)
+    add_kv_cache_args(parser)
     parser.add_argument(
         "--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)"
     )
@@ -134,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         check_cache_path(cache_file)
     renderer = Renderer(quiet=args.quiet or args.json)
     sampling = sampling_from(args)
+    sampling.update(kv_cache_from(args))
     model, tokenizer, load_seconds = load_model(
         args.model, args.revision, renderer.spinner, args.adapter_path
     )
@@ -152,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             )
     else:
         cache = make_prompt_cache(model, max_kv_size=args.max_kv_size)
-    if draft:
+    if "draft_model" in draft:
         cache += make_prompt_cache(draft["draft_model"])
     cached = cached_tokens(cache)
     ids = prompt_ids(tokenizer, prompt, cached, args.newlines)
