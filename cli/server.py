@@ -8,7 +8,15 @@ import os
 from mlx_xglm import XGLMError
 from mlx_xglm.decoding.chat import DEFAULT_TEMPLATE, split_template
 
-from .options import add_adapter_arg, add_model_args, help_formatter, load_model, unescape
+from .options import (
+    add_adapter_arg,
+    add_kv_cache_args,
+    add_model_args,
+    help_formatter,
+    kv_cache_from,
+    load_model,
+    unescape,
+)
 from .render import Renderer
 
 EXAMPLES = r"""
@@ -87,6 +95,7 @@ def register(subparsers) -> None:
         metavar="N",
         help="keep only the last N positions of each row's KV cache",
     )
+    add_kv_cache_args(parser)
     parser.add_argument(
         "--chat-template",
         default=DEFAULT_TEMPLATE.replace("\n", "\\n"),
@@ -111,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     template = unescape(args.chat_template)
     engine_args = {"max_batch": args.max_batch, "max_queue": args.max_queue, "max_kv_size": args.max_kv_size}
+    engine_args.update(kv_cache_from(args))
     split_template(template)  # before the model loads
     model, tokenizer, _ = load_model(args.model, args.revision, Renderer().spinner, args.adapter_path)
     serve(

@@ -1,5 +1,9 @@
 """Quantized KV caches: closeness to the float cache, size, generation, files, and clear refusals."""
 
+import json
+import subprocess
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -14,7 +18,7 @@ KL_8BIT_BOUND = 1e-3
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer(tmp_path_factory, sp_model):
+def head64_checkpoint(tmp_path_factory, sp_model):
     """A lively tiny model with one head of 64 dims, so a group of 64 fits a head."""
     from xglm_fixtures import build_checkpoint, hub_config, random_weights
 
@@ -22,10 +26,14 @@ def model_and_tokenizer(tmp_path_factory, sp_model):
     for name in weights:
         if name.endswith(("fc2.weight", "out_proj.weight")):
             weights[name] *= 4
-    path = build_checkpoint(
+    return build_checkpoint(
         tmp_path_factory.mktemp("head64"), sp_model, weights=weights, scale_embedding=False, attention_heads=1
     )
-    return load(path)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(head64_checkpoint):
+    return load(head64_checkpoint)
 
 
 def teacher_forced_logprobs(model, ids: mx.array, bits: int | None) -> np.ndarray:
@@ -138,3 +146,83 @@ def test_a_group_size_that_does_not_divide_head_dim_is_refused(tiny_checkpoint):
     with pytest.raises(XGLMError, match="does not divide the model's head_dim 16") as info:
         list(generate_step(mx.array(tokenizer.encode(TEXT)), model, max_tokens=2, kv_bits=8))
     assert info.value.param == "kv_group_size"
+
+
+def test_batch_rows_equal_their_prompts_decoded_alone_with_kv_bits(model_and_tokenizer):
+    from mlx_xglm import batch_generate
+
+    model, tokenizer = model_and_tokenizer
+    prompts = [TEXT, "Москва является", "The quick brown fox jumps"]
+    alone = [
+        [t for t, _ in generate_step(mx.array(tokenizer.encode(p)), model, max_tokens=10, kv_bits=8)]
+        for p in prompts
+    ]
+    batched = batch_generate(model, tokenizer, prompts, 10, kv_bits=8, completion_batch_size=2)
+    assert batched.token_ids == alone
+
+
+def test_a_batch_continues_a_quantized_prompt_cache_and_quantizes_joining_rows(model_and_tokenizer):
+    from mlx_xglm.decoding.engine import BatchGenerator
+    from mlx_xglm.model.batch_cache import BatchQuantizedKVCache
+
+    model, tokenizer = model_and_tokenizer
+    ids = tokenizer.encode(TEXT)
+    cache = make_prompt_cache(model)
+    list(generate_step(mx.array(ids[:-3]), model, max_tokens=0, prompt_cache=cache, kv_bits=4))
+    alone = [
+        t for t, _ in generate_step(mx.array(ids[-3:]), model, max_tokens=6, prompt_cache=cache, kv_bits=4)
+    ]
+    cache = make_prompt_cache(model)
+    list(generate_step(mx.array(ids[:-3]), model, max_tokens=0, prompt_cache=cache, kv_bits=4))
+    gen = BatchGenerator(model, max_tokens=6, kv_bits=4, quantized_kv_start=100)
+    uid = gen.insert([ids[-3:]], caches=[cache])[0]
+    gen.insert([tokenizer.encode("Москва")])
+    tokens = []
+    while responses := gen.next():
+        tokens += [r.token for r in responses if r.uid == uid]
+        active = gen._active
+        assert active is None or all(isinstance(c, BatchQuantizedKVCache) for c in active.cache)
+    assert tokens == alone
+    with pytest.raises(XGLMError) as error:
+        BatchGenerator(model, kv_bits=8).insert([ids[-3:]], caches=[cache])
+    assert error.value.param == "caches"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mlx_xglm.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_the_command_line_quantizes_the_cache_as_the_library(head64_checkpoint, model_and_tokenizer):
+    from mlx_xglm import generate
+
+    model, tokenizer = model_and_tokenizer
+    flags = ["--kv-bits", "4", "--quantized-kv-start", "2"]
+    out = run_cli("generate", "--model", str(head64_checkpoint), "-p", TEXT, "-m", "12", "--json", *flags)
+    assert out.returncode == 0, out.stderr
+    text = generate(model, tokenizer, TEXT, max_tokens=12, kv_bits=4, quantized_kv_start=2)
+    assert json.loads(out.stdout)["text"] == text
+
+
+def test_the_command_line_names_the_flag_of_a_group_size_that_does_not_fit(tiny_checkpoint):
+    out = run_cli("generate", "--model", str(tiny_checkpoint), "-p", "Hello", "--kv-bits", "8")
+    assert out.returncode != 0
+    assert out.stderr.count("\n") == 1 and "--kv-group-size 64 does not divide" in out.stderr
+
+
+def test_the_server_decodes_with_a_quantized_cache(head64_checkpoint, model_and_tokenizer):
+    import httpx
+    from xglm_fixtures import ServerProcess
+
+    from mlx_xglm import generate
+
+    model, tokenizer = model_and_tokenizer
+    server = ServerProcess(head64_checkpoint, "--kv-bits", "8", "--quantized-kv-start", "0")
+    try:
+        body = {"prompt": TEXT, "max_tokens": 10, "temperature": 0}
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        expected = generate(model, tokenizer, TEXT, max_tokens=10, kv_bits=8)
+        assert response.json()["choices"][0]["text"] == expected
+    finally:
+        assert server.stop() == 0

@@ -20,11 +20,20 @@ def make_prompt_cache(model, max_kv_size: int | None = None) -> list:
     return [RotatingKVCache(max_kv_size) for _ in model.layers]
 
 
-def check_kv_bits(kv_bits: int | None, kv_group_size: int, quantized_kv_start: int, max_kv_size=None) -> None:
-    """Raise XGLMError unless the quantized-cache settings are usable; a rotating cache is not quantized."""
+def check_kv_bits(
+    kv_bits: int | None, kv_group_size: int, quantized_kv_start: int, max_kv_size=None, head_dim=None
+) -> None:
+    """Raise XGLMError unless the quantized-cache settings are usable (with a model's `head_dim`, that
+    `kv_group_size` divides it); a rotating cache is not quantized."""
     if kv_bits is None:
         return
     QuantizedKVCache(kv_group_size, kv_bits)
+    if head_dim is not None and head_dim % kv_group_size:
+        raise XGLMError(
+            f"kv_group_size {kv_group_size} does not divide the model's head_dim {head_dim}; pick one of "
+            f"{QuantizedKVCache.GROUP_SIZES} that does",
+            param="kv_group_size",
+        )
     if not (isinstance(quantized_kv_start, int) and quantized_kv_start >= 0):
         raise XGLMError(
             f"quantized_kv_start must be 0 or more tokens, got {quantized_kv_start}",
@@ -39,12 +48,13 @@ def check_kv_bits(kv_bits: int | None, kv_group_size: int, quantized_kv_start: i
 def maybe_quantize_kv_cache(
     prompt_cache: list, quantized_kv_start: int, kv_group_size: int, kv_bits: int | None
 ) -> None:
-    """Replace, in place, the float caches of `prompt_cache` by quantized ones once they hold more than
-    `quantized_kv_start` positions (mlx-lm's rule; nothing happens without `kv_bits`)."""
+    """Replace, in place, the float caches of `prompt_cache` (single-row or batch) by quantized ones once
+    they hold more than `quantized_kv_start` positions (mlx-lm's rule; nothing happens without `kv_bits`)."""
     if kv_bits is None:
         return
     for i, layer in enumerate(prompt_cache):
-        if type(layer) is KVCache and layer.offset > quantized_kv_start:
+        float_cache = isinstance(layer, KVCache) and not isinstance(layer, QuantizedKVCache)
+        if float_cache and layer.offset > quantized_kv_start:
             prompt_cache[i] = layer.to_quantized(group_size=kv_group_size, bits=kv_bits)
 
 

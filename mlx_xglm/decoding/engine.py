@@ -23,7 +23,8 @@ import mlx.core as mx
 
 from ..errors import XGLMError
 from ..model.batch_cache import BatchKVCache
-from .cache import check_prompt_cache
+from ..model.cache import QuantizedKVCache
+from .cache import check_kv_bits, check_prompt_cache, maybe_quantize_kv_cache
 from .rows import CLEAR_CACHE_EVERY, Rows
 from .sample_utils import LogitsProcessor, Sampler, greedy
 
@@ -76,7 +77,9 @@ class BatchGenerator:
     one of `stop_tokens`. At most `completion_batch_size` rows decode together; waiting prompts are
     prefilled `prefill_batch_size` at a time (left-padded, positions counted over real tokens, in chunks
     of `prefill_step_size`) and join at the next step. Every row's cache keeps its own window with
-    `max_kv_size`. Each row's tokens equal those of its prompt decoded alone.
+    `max_kv_size`. With `kv_bits`, the batch's keys and values are quantized (`kv_group_size` values per
+    scale) once it holds more than `quantized_kv_start` positions, as `generate_step`'s; rows joining a
+    quantized batch are quantized. Each row's tokens equal those of its prompt decoded alone.
     """
 
     def __init__(
@@ -89,6 +92,9 @@ class BatchGenerator:
         prefill_batch_size: int = 8,
         prefill_step_size: int = 512,
         max_kv_size: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 0,
     ):
         for name, value in [
             ("completion_batch_size", completion_batch_size),
@@ -101,6 +107,8 @@ class BatchGenerator:
             raise XGLMError(
                 f"max_kv_size must be a positive number of tokens, got {max_kv_size}", param="max_kv_size"
             )
+        check_kv_bits(kv_bits, kv_group_size, quantized_kv_start, max_kv_size, model.config.head_dim)
+        self.kv_bits, self.kv_group_size, self.quantized_kv_start = kv_bits, kv_group_size, quantized_kv_start
         self.model = model
         self.max_tokens = max_tokens
         self.stop_tokens = set(stop_tokens or ())
@@ -152,6 +160,13 @@ class BatchGenerator:
                     raise XGLMError(
                         f"a prompt cache made with max_kv_size {getattr(cache[0], 'max_size', None)} cannot "
                         f"continue in a generator with max_kv_size {self.max_kv_size}; make both the same",
+                        param="caches",
+                    )
+                bits = getattr(cache[0], "bits", None)
+                if bits is not None and (bits, cache[0].group_size) != (self.kv_bits, self.kv_group_size):
+                    raise XGLMError(
+                        f"a prompt cache quantized to {bits} bits in groups of {cache[0].group_size} needs a "
+                        "generator with that kv_bits and kv_group_size",
                         param="caches",
                     )
             self._waiting.append(
@@ -224,6 +239,9 @@ class BatchGenerator:
             if self._active is None:
                 self._active = rows
             else:
+                if any(isinstance(r.cache[0], QuantizedKVCache) for r in (self._active, rows)):
+                    for r in (self._active, rows):
+                        maybe_quantize_kv_cache(r.cache, -1, self.kv_group_size, self.kv_bits)
                 self._active.extend(rows)
 
     def next(self) -> list[Response]:
@@ -238,6 +256,7 @@ class BatchGenerator:
         if rows is None:
             return []
         y, logprobs = rows.y, rows.logprobs
+        maybe_quantize_kv_cache(rows.cache, self.quantized_kv_start, self.kv_group_size, self.kv_bits)
         rows.step(self.model)
         tokens = y.tolist()
         responses, keep = [], []

@@ -61,7 +61,8 @@ def generate_step(
         prompt_cache = make_prompt_cache(model, max_kv_size)
     else:
         check_prompt_cache(model, prompt_cache)
-    check_kv_bits(kv_bits, kv_group_size, quantized_kv_start, prompt_cache_max_kv_size(prompt_cache))
+    max_kv_size = prompt_cache_max_kv_size(prompt_cache)
+    check_kv_bits(kv_bits, kv_group_size, quantized_kv_start, max_kv_size, model.config.head_dim)
     history = prompt if logits_processors else None
     rows = Rows([0], prompt_cache, [sampler or greedy], [logits_processors], [history], [max_tokens])
     rows.prefill(model, prompt[None], prefill_step_size, sample_next=max_tokens > 0)

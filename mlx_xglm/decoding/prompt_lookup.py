@@ -85,7 +85,7 @@ def prompt_lookup_generate_step(
         raise XGLMError(f"prefill_step_size must be >= 1, got {prefill_step_size}", param="prefill_step_size")
     sampler = sampler or greedy
     _check(prompt_lookup_num_tokens, max_matching_ngram_size, sampler, prompt_cache)
-    check_kv_bits(kv_bits, kv_group_size, quantized_kv_start)
+    check_kv_bits(kv_bits, kv_group_size, quantized_kv_start, None, model.config.head_dim)
     cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
     check_prompt_cache(model, cache)
     start, prompt_size = cache[0].offset, prompt.size

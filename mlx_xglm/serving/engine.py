@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 
+from ..decoding.cache import check_kv_bits
 from ..decoding.engine import BatchGenerator
 from ..decoding.sample_utils import make_logits_processors
 from ..errors import XGLMError
@@ -30,7 +31,8 @@ class Engine:
     """Runs `model` for many requests at once on its own thread.
 
     `max_batch` rows decode together; up to `max_queue` more wait for a place, and a request that would
-    go past that gets a 503. `prefill_step_size` and `max_kv_size` go to the BatchGenerator. Call `start()`
+    go past that gets a 503. `prefill_step_size`, `max_kv_size`, `kv_bits`, `kv_group_size`
+    and `quantized_kv_start` go to the BatchGenerator. Call `start()`
     once an event loop runs, `shutdown()` to cancel every row and end the thread.
     """
 
@@ -43,6 +45,9 @@ class Engine:
         max_queue: int = 64,
         prefill_step_size: int = 512,
         max_kv_size: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 0,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -55,6 +60,11 @@ class Engine:
         }
         if max_kv_size is not None:
             self._generator_args["max_kv_size"] = max_kv_size
+        if kv_bits is not None:
+            check_kv_bits(kv_bits, kv_group_size, quantized_kv_start, max_kv_size, model.config.head_dim)
+            self._generator_args.update(
+                kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start
+            )
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._rows = 0  # rows admitted and not yet finished, counted on the handlers' side
