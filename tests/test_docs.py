@@ -37,7 +37,7 @@ from mlx_xglm.cli.main import COMMANDS, build_parser
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [ROOT / "README.md", *DOCS]
-TIMEOUT = 300  # seconds for one block; the whole of a file's blocks take a few seconds on an idle machine
+TIMEOUT = 300  # seconds, a generous bound for one block: each takes seconds on an idle machine
 
 RUN = re.compile(
     r"^<!--\s*run(?::\s*(?P<options>[^>]*?))?\s*-->\n```(?P<lang>\w+)\n(?P<body>.*?)\n```", re.S | re.M
@@ -70,7 +70,9 @@ def flag_tables() -> list[tuple[str, str, str]]:
     ]
 
 
-@pytest.mark.parametrize(("page", "command", "table"), flag_tables(), ids=lambda v: str(v)[:20])
+@pytest.mark.parametrize(
+    ("page", "command", "table"), [pytest.param(*t, id=f"{t[0]}:{t[1]}") for t in flag_tables()]
+)
 def test_flag_table_equals_the_commands_flags(page, command, table):
     documented, real = table_flags(table), command_flags(command)
     assert documented - real == set(), f"{page}: flags of mlx-xglm {command} that do not exist"
