@@ -154,6 +154,8 @@ def read_adapter_weights(path: Path) -> dict[str, dict[str, mx.array]]:
             tensors = {k: v.load() for k, v in read_torch_bin(file).items()}
         else:
             tensors = mx.load(str(file))
+    except XGLMError:  # a ValueError, but read_torch_bin's own, which already says what is wrong
+        raise
     except (RuntimeError, ValueError, OSError) as e:
         raise XGLMError(f"{file} is not a readable adapter weights file ({e})") from None
     modules: dict[str, dict[str, mx.array]] = {}
