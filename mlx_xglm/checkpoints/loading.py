@@ -12,7 +12,6 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import XGLMError
-from ..model.fused import fuse_qkv
 from ..model.xglm import XGLMConfig, XGLMForCausalLM
 from ..tokenization.tokenizer import XGLMTokenizer
 from .adapters import apply_adapter
@@ -148,18 +147,14 @@ def load_model(
     model_path: Path, lazy: bool = False, adapter_path: str | Path | None = None
 ) -> XGLMForCausalLM:
     """Build XGLMForCausalLM from a checkpoint folder; with `lazy`, safetensors weights load on first use;
-    with `adapter_path`, a PEFT LoRA adapter is applied right after the weights (before q/k/v are fused
-    for decoding, which leaves adapted projections apart)."""
+    with `adapter_path`, a PEFT LoRA adapter is applied right after the weights."""
     checkpoint = open_checkpoint(model_path)
     model = checkpoint.model
     model.load_weights([(name, read_tensor(tensor)) for name, tensor in checkpoint.tensors.items()])
     if adapter_path is not None:
         apply_adapter(model, adapter_path)
-    fuse_qkv(model)
     if not lazy:
-        # The state, not only the parameters: the fused projections and views are made here, on this
-        # thread's stream, and another thread (the server's) can only evaluate them once they exist.
-        mx.eval(model.state)
+        mx.eval(model.parameters())
     model.eval()
     return model
 

@@ -16,7 +16,8 @@ from collections.abc import Generator
 import mlx.core as mx
 
 from ..errors import XGLMError
-from .cache import RotatingKVCache, check_prompt_cache, make_prompt_cache
+from ..model.cache import RotatingKVCache
+from .cache import check_prompt_cache, make_prompt_cache
 from .rows import CLEAR_CACHE_EVERY, generation_stream, prefill_chunks, row_logprobs
 from .sample_utils import LogitsProcessor, Sampler, greedy
 
