@@ -402,6 +402,7 @@ def run_cli(*args, cwd=None):
         text=True,
         env=env,
         cwd=cwd,
+        timeout=120,
     )
 
 
@@ -437,6 +438,7 @@ def test_top_level_script(soft_checkpoint, tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
