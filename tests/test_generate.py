@@ -37,25 +37,18 @@ def greedy_ids(model, ids, max_tokens, **processors):
     return out[: out.index(2) + 1] if 2 in out else out
 
 
-# Greedy parity runs on models whose greedy tokens vary. With the other fixtures the residual stream is
-# dominated by the input token's own (tied) embedding, or a few tokens attract every path, and greedy
-# decoding repeats one token. MLP outputs 64x and attention outputs 8x stronger than drawn break that;
-# the seeds are picked so every prompt's 48 greedy tokens hold 8 or more distinct ids (9-19 with scaled
-# embeddings, 8-13 without), with top-2 logit margins of 0.016 or more, far above float32 noise.
+# Greedy parity runs on models whose greedy tokens vary (xglm_fixtures.varied_weights); the seeds are
+# picked so every prompt's 48 greedy tokens hold 8 or more distinct ids (9-19 with scaled embeddings,
+# 8-13 without), with top-2 logit margins of 0.016 or more, far above float32 noise.
 GREEDY_MODELS = {"scaled_embedding": (True, 0), "unscaled_embedding": (False, 3)}
 
 
 @pytest.fixture(scope="module", params=list(GREEDY_MODELS))
 def varied_checkpoint(request, tmp_path_factory, sp_model):
-    from xglm_fixtures import build_checkpoint, hub_config, random_weights
+    from xglm_fixtures import build_checkpoint, varied_weights
 
     scale_embedding, seed = GREEDY_MODELS[request.param]
-    weights = random_weights(hub_config(scale_embedding=scale_embedding), seed=seed)
-    for name in weights:
-        if name.endswith("fc2.weight"):
-            weights[name] *= 64
-        elif name.endswith("out_proj.weight"):
-            weights[name] *= 8
+    weights = varied_weights(scale_embedding, seed)
     folder = tmp_path_factory.mktemp("varied")
     return build_checkpoint(folder, sp_model, weights=weights, scale_embedding=scale_embedding)
 

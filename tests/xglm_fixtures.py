@@ -61,6 +61,20 @@ def hub_config(**overrides) -> dict:
     return config
 
 
+def varied_weights(scale_embedding: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
+    """Weights whose greedy tokens vary: MLP outputs 64x and attention outputs 8x stronger than drawn.
+
+    With weights as drawn, the residual stream is dominated by the input token's own (tied) embedding,
+    or a few tokens attract every path, and greedy decoding repeats one token."""
+    weights = random_weights(hub_config(scale_embedding=scale_embedding), seed=seed)
+    for name in weights:
+        if name.endswith("fc2.weight"):
+            weights[name] *= 64
+        elif name.endswith("out_proj.weight"):
+            weights[name] *= 8
+    return weights
+
+
 def write_tokenizer_files(folder: Path, sp_model: Path) -> None:
     """The tokenizer files of a facebook/xglm-* repository."""
     (folder / "sentencepiece.bpe.model").write_bytes(Path(sp_model).read_bytes())
