@@ -318,7 +318,8 @@ def test_distinct_lm_head_is_kept_untied(sp_model, tmp_path):
     hidden = model.model(mx.array(IDS))
     head = mx.array(weights["lm_head.weight"])
     expected = np.array(hidden @ head.T)
-    assert np.allclose(np.array(model(mx.array(IDS))), expected, atol=0.05 * np.abs(expected).max())
+    # The 8-bit head's error, measured: 0.179 at the largest logit 32.4 (0.55%); bound 2.7x that.
+    assert np.abs(np.array(model(mx.array(IDS))) - expected).max() < 0.015 * np.abs(expected).max()
 
 
 def untied_weights():

@@ -276,7 +276,9 @@ def test_fusing_into_a_quantized_model_keeps_the_adapter(tiny_checkpoint, traine
     assert "quantization" not in json.loads((floats / "config.json").read_text())
     target, moved = logits(with_adapter), np.abs(logits(with_adapter) - logits(base)).max()
     assert np.abs(logits(load(floats)[0]) - target).max() < 1e-4
-    assert np.abs(logits(load(kept)[0]) - target).max() < 0.1 * moved
+    # Fusing into 8-bit weights re-quantizes them, measured: 0.065 off while the adapter moves the
+    # logits by 74.0 (0.088%); bound 2.8x that.
+    assert np.abs(logits(load(kept)[0]) - target).max() < 0.0025 * moved
 
 
 def test_bad_lora_settings_name_their_parameter(tiny_checkpoint):
