@@ -14,7 +14,8 @@ import pytest
 from xglm_fixtures import default_signals
 
 from mlx_xglm import XGLMError, load, make_prompt_cache, stream_generate
-from mlx_xglm.decoding.chat import Conversation, chat_prompt_ids
+from mlx_xglm.decoding.chat import Conversation
+from mlx_xglm.tokenization.prompt import chat_prompt_ids
 
 CLI = [sys.executable, "-m", "mlx_xglm.cli"]
 STATS = re.compile(rb"\[prompt: (\d+) tokens")

@@ -17,8 +17,8 @@ from mlx_xglm import (
     make_sampler,
 )
 from mlx_xglm.bench import make_agreeing_draft
-from mlx_xglm.decoding.cache import RotatingKVCache
 from mlx_xglm.decoding.speculative import accept_draft, check_draft_model, speculative_generate_step
+from mlx_xglm.model.cache import RotatingKVCache
 
 PROMPT = mx.array([2, 100, 200, 300, 17, 5])
 

@@ -16,6 +16,7 @@ from reference import reference_logits, reference_model
 from xglm_fixtures import hub_config, random_weights, write_tokenizer_files
 
 from mlx_xglm import XGLMError, convert, load
+from mlx_xglm.checkpoints.adapters import read_adapter_weights
 from mlx_xglm.checkpoints.torch_bin import read_torch_bin
 from mlx_xglm.model.positions import sinusoidal_table
 
@@ -142,11 +143,20 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, sp_model):
     marker = tmp_path / "ran"
     folder = bin_checkpoint(tmp_path / "evil", sp_model)
     zip_checkpoint(folder / "pytorch_model.bin", pickle.dumps(RunsACommand(marker), protocol=2))
-    with pytest.raises(XGLMError, match=r"refusing to load .*pytorch_model\.bin.*(posix|os)\.system"):
+    with pytest.raises(XGLMError, match=r"^refusing to load .*pytorch_model\.bin.*(posix|os)\.system"):
         load(folder)
     with pytest.raises(XGLMError, match="refusing"):
         convert(folder, tmp_path / "out", verbose=False)
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_legacy_adapter_bin_that_runs_code_is_refused_in_its_own_words(tmp_path):
+    # XGLMError is a ValueError: the adapter reader's `except ValueError` must not re-word this refusal.
+    marker = tmp_path / "ran"
+    zip_checkpoint(tmp_path / "adapter_model.bin", pickle.dumps(RunsACommand(marker), protocol=2))
+    with pytest.raises(XGLMError, match=r"^refusing to load .*adapter_model\.bin"):
+        read_adapter_weights(tmp_path)
+    assert not marker.exists()
 
 
 def test_a_hostile_global_inside_a_state_dict_is_refused(tmp_path):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..errors import XGLMError
-from .batch_cache import BatchKVCache
+from ..model.batch_cache import BatchKVCache
 from .cache import check_prompt_cache
 from .rows import CLEAR_CACHE_EVERY, Rows
 from .sample_utils import LogitsProcessor, Sampler, greedy
