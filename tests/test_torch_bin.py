@@ -106,7 +106,7 @@ def test_convert_without_torch_equals_the_safetensors_result(fp16_bin, tmp_path)
         f"convert({str(fp16_bin)!r}, {str(tmp_path / 'from_bin')!r}, verbose=False)\n"
         "assert sys.modules['torch'] is None\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     from_bin = mx.load(str(tmp_path / "from_bin" / "model.safetensors"))
     from_safetensors = mx.load(str(tmp_path / "from_safetensors" / "model.safetensors"))
@@ -221,6 +221,7 @@ def test_cli_reports_a_truncated_bin_in_one_line(fp16_bin, tmp_path):
         text=True,
         cwd=tmp_path,
         env={**os.environ, "MLX_XGLM_DEBUG": ""},
+        timeout=120,
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "pytorch_model.bin" in result.stderr
