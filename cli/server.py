@@ -10,10 +10,12 @@ from mlx_xglm.tokenization.prompt import DEFAULT_TEMPLATE, split_template
 
 from .options import (
     add_adapter_arg,
+    add_draft_args,
     add_kv_cache_args,
     add_model_args,
     help_formatter,
     kv_cache_from,
+    load_draft,
     load_model,
     unescape,
 )
@@ -96,6 +98,7 @@ def register(subparsers) -> None:
         help="keep only the last N positions of each row's KV cache",
     )
     add_kv_cache_args(parser)
+    add_draft_args(parser)
     parser.add_argument(
         "--chat-template",
         default=DEFAULT_TEMPLATE.replace("\n", "\\n"),
@@ -122,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
     engine_args = {"max_batch": args.max_batch, "max_queue": args.max_queue, "max_kv_size": args.max_kv_size}
     engine_args.update(kv_cache_from(args))
     split_template(template)  # before the model loads
-    model, tokenizer, _ = load_model(args.model, args.revision, Renderer().spinner, args.adapter_path)
+    spinner = Renderer().spinner
+    model, tokenizer, _ = load_model(args.model, args.revision, spinner, args.adapter_path)
+    engine_args.update(load_draft(args, model, tokenizer, spinner))
     serve(
         model,
         tokenizer,

@@ -168,3 +168,24 @@ def test_the_command_line_generates_the_same_text_with_prompt_lookup(lively_chec
 
     looked = run("--prompt-lookup-tokens", "4")
     assert looked["tokens"] == run()["tokens"]
+
+
+@pytest.mark.parametrize("flags", [["--prompt-lookup-tokens", "4"], ["--draft-model", "TINY"]])
+def test_the_server_decodes_with_prompt_lookup_or_a_draft_model(lively_checkpoint, tiny_checkpoint, flags):
+    import httpx
+    from xglm_fixtures import ServerProcess
+
+    from mlx_xglm import generate
+
+    model, tokenizer = load(lively_checkpoint)
+    flags = [str(tiny_checkpoint) if f == "TINY" else f for f in flags]
+    server = ServerProcess(lively_checkpoint, *flags)
+    try:
+        prompts = ["Hello Hello Hello", "Der Hund"]
+        body = {"prompt": prompts, "max_tokens": 10, "temperature": 0}
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        texts = [c["text"] for c in sorted(response.json()["choices"], key=lambda c: c["index"])]
+        assert texts == [generate(model, tokenizer, p, max_tokens=10) for p in prompts]
+    finally:
+        assert server.stop() == 0

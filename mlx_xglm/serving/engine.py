@@ -16,6 +16,7 @@ import threading
 from ..decoding.cache import check_kv_bits
 from ..decoding.engine import BatchGenerator
 from ..decoding.sample_utils import make_logits_processors
+from ..decoding.solo import SoloGenerator
 from .errors import APIError
 from .jobs import Failed, Job, Token, row_samplers
 from .scoring import prompt_logprobs, top_logprobs
@@ -31,7 +32,9 @@ class Engine:
 
     `max_batch` rows decode together; up to `max_queue` more wait for a place, and a request that would
     go past that gets a 503. `prefill_step_size`, `max_kv_size`, `kv_bits`, `kv_group_size`
-    and `quantized_kv_start` go to the BatchGenerator. Call `start()`
+    and `quantized_kv_start` go to the BatchGenerator. With `draft_model` (`num_draft_tokens`) or
+    `prompt_lookup_num_tokens`, rows decode one at a time by speculative or prompt-lookup decoding
+    (`SoloGenerator`), as mlx-lm's server does with a draft model. Call `start()`
     once an event loop runs, `shutdown()` to cancel every row and end the thread.
     """
 
@@ -47,6 +50,9 @@ class Engine:
         kv_bits: int | None = None,
         kv_group_size: int = 64,
         quantized_kv_start: int = 0,
+        draft_model=None,
+        num_draft_tokens: int = 3,
+        prompt_lookup_num_tokens: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -64,6 +70,14 @@ class Engine:
             self._generator_args.update(
                 kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start
             )
+        self._solo_args = {}
+        if draft_model is not None or prompt_lookup_num_tokens is not None:
+            self._solo_args = {
+                "draft_model": draft_model,
+                "num_draft_tokens": num_draft_tokens,
+                "prompt_lookup_num_tokens": prompt_lookup_num_tokens,
+            }
+            SoloGenerator(model, **self._solo_args, **self._cache_args())  # refuse bad settings now
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._rows = 0  # rows admitted and not yet finished, counted on the handlers' side
@@ -164,8 +178,18 @@ class Engine:
                 self._fail_all(APIError(500, "decoding failed on the server; see its log"))
                 generator = self._new_generator()
 
-    def _new_generator(self) -> BatchGenerator:
-        return BatchGenerator(self.model, stop_tokens={self.tokenizer.eos_token_id}, **self._generator_args)
+    def _cache_args(self) -> dict:
+        names = ("kv_bits", "kv_group_size", "quantized_kv_start")
+        return {k: v for k, v in self._generator_args.items() if k in names}
+
+    def _new_generator(self) -> BatchGenerator | SoloGenerator:
+        stop = {self.tokenizer.eos_token_id}
+        if self._solo_args:  # speculative or prompt-lookup decoding: one row at a time
+            step = self._generator_args["prefill_step_size"]
+            return SoloGenerator(
+                self.model, stop_tokens=stop, prefill_step_size=step, **self._solo_args, **self._cache_args()
+            )
+        return BatchGenerator(self.model, stop_tokens=stop, **self._generator_args)
 
     def _on_insert(self, generator: BatchGenerator, job: Job) -> None:
         try:
