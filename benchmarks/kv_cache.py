@@ -25,7 +25,7 @@ from compare import SHAPES, append_table
 from mlx_xglm.model.cache import KVCache, QuantizedKVCache
 
 
-def best_ms(fn, repeats: int) -> float:
+def mean_ms(fn, repeats: int) -> float:
     mx.eval(fn())
     start = time.perf_counter()
     for _ in range(repeats):
@@ -56,9 +56,9 @@ def main() -> None:
     fp16.update_and_fetch(keys.astype(mx.float16), values.astype(mx.float16))
     rows = [
         f"Quantized KV caches, {args.preset} shapes ({layers} layers x {heads} heads x {dim} dims), "
-        f"{args.positions} positions; attention of one {args.dtype} query per layer, best-of-{args.repeats} "
-        f"mean over {args.trials} alternating trials (median); {platform.machine()} {platform.system()}, "
-        f"MLX {mx.__version__} on {mx.default_device()}; load average "
+        f"{args.positions} positions; attention of one {args.dtype} query per layer, mean of "
+        f"{args.repeats} runs, median over {args.trials} alternating trials; {platform.machine()} "
+        f"{platform.system()}, MLX {mx.__version__} on {mx.default_device()}; load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start",
         "",
         "| cache | whole-model bytes | vs float16 | float keys: fused SDPA (ms) | dequantize + SDPA (ms) | "
@@ -91,7 +91,7 @@ def main() -> None:
                 ("dequantized", dequantized),
                 ("quantized_matmul", quantized_matmul),
             ):
-                times[name].append(best_ms(fn, args.repeats))
+                times[name].append(mean_ms(fn, args.repeats))
         t = {name: statistics.median(v) for name, v in times.items()}
         rows.append(
             f"| {bits}-bit, group 64 | {cache.nbytes * layers / 1e6:.1f} MB | "
