@@ -37,6 +37,10 @@ examples:
   mlx-xglm lora --model ./xglm-564M --train --data ./data --resume-adapter-file adapters
   mlx-xglm lora --model ./xglm-564M --test --data ./data --adapter-path adapters
   mlx-xglm lora -c lora.yaml
+  mlx.launch --backend ring -n 2 -- mlx-xglm lora --model ./xglm-564M --train --data ./data --batch-size 8
+
+Under mlx.launch the run is data parallel: --batch-size is the whole batch, split over the processes; the
+adapter equals one process's, and rank 0 alone prints and writes it.
 
 --data DIR holds train.jsonl and valid.jsonl (and test.jsonl for --test), one JSON object a line:
 {"text": "..."} or {"prompt": "...", "completion": "..."}. The adapter (adapter_config.json and

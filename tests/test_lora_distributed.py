@@ -1,4 +1,5 @@
-"""`mlx-xglm lora` over 2 ring processes on localhost: data parallel, the adapter of one process.
+"""Data-parallel fine-tuning: `mlx-xglm lora` over 2 ring processes on localhost gives the adapter of one
+process, and the pieces that make it so (each rank's rows, dropout masks keyed by a row's place).
 
 Under `mlx.launch --backend ring -n 2`, and with the 2 ranks started one by one (what the launcher does,
 without its I/O relay) where a test needs each rank's own folder, arguments and exit status.
@@ -16,6 +17,10 @@ import mlx.core as mx
 import pytest
 from launching import launch_prefix, run_ranks
 from lora_fixtures import data_folder, text_rows, write_jsonl
+
+from mlx_xglm.model.dropout import Dropout, batch_rows, dropout_key
+from mlx_xglm.model.loss import IGNORE_INDEX
+from mlx_xglm.tuning.trainer import share
 
 CLI = [sys.executable, "-m", "mlx_xglm.cli"]
 ENV = {k: v for k, v in os.environ.items() if k not in ("MLX_XGLM_DEBUG", "MLX_RANK", "MLX_HOSTFILE")}
@@ -46,10 +51,10 @@ def test_two_processes_under_mlx_launch_train_the_adapter_of_one(tiny_checkpoint
     args = lora_args(tiny_checkpoint, data, "--iters", 6, "--steps-per-report", 2, "--steps-per-eval", 3)
     args += ["--val-batches", "-1", "--test"]
     (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
-    run = {"env": ENV, "capture_output": True, "text": True, "timeout": 300}
-    one = subprocess.run(args, cwd=tmp_path / "one", **run)
+    run = {"env": ENV, "capture_output": True, "text": True}
+    one = subprocess.run(args, cwd=tmp_path / "one", timeout=300, **run)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([*launch_prefix(2), "--", *args], cwd=tmp_path / "two", **run)
+    two = subprocess.run([*launch_prefix(2), "--", *args], cwd=tmp_path / "two", timeout=300, **run)
     assert "exited with code" not in two.stderr and "was killed" not in two.stderr, two.stderr
     assert "Data parallel over 2 processes: 2 of the 4 rows of each batch per process" in two.stdout
     # Rank 0 alone reports, and its figures are the whole batch's: one process's.
@@ -126,3 +131,36 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(tiny_checkpoi
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: --batch-size 3 does not split evenly over 2 processes; use a multiple of 2"]
     assert "rank 0 exited with code 1" in result.stderr and "rank 1 exited with code 1" in result.stderr
+
+
+class Group:
+    """What `share` asks of an mx.distributed group: this process's rank, and how many there are."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = lambda: rank, lambda: size
+
+
+def test_each_rank_takes_its_rows_and_a_rank_without_rows_gets_one_that_scores_nothing():
+    ids = mx.arange(12).reshape(3, 4)
+    batch = (ids, ids + 100)
+    parts = [share(batch, Group(rank, 2)) for rank in range(2)]
+    assert [(first, ids.tolist()) for first, ids, _ in parts] == [
+        (0, [[0, 1, 2, 3]]),
+        (1, [[4, 5, 6, 7], [8, 9, 10, 11]]),
+    ]
+    one_row = (ids[:1], ids[:1])
+    first, row, labels = share(one_row, Group(0, 2))  # rows 0 * 1 // 2 up to 1 * 1 // 2: none
+    assert first == 0 and row.tolist() == [[0, 1, 2, 3]] and (labels == IGNORE_INDEX).all().item()
+    assert share(one_row, Group(1, 2))[2].tolist() == [[0, 1, 2, 3]]
+
+
+def test_a_row_draws_the_same_dropout_mask_whichever_rows_come_with_it():
+    dropout = Dropout(0.5)
+    x = mx.ones((4, 3, 8))
+    key = mx.random.key(7)
+    with dropout_key(key):
+        whole = dropout(x)
+    with dropout_key(key), batch_rows(2, 4):
+        last_two = dropout(x[2:])
+    assert mx.array_equal(last_two, whole[2:]).item()
+    assert not mx.array_equal(whole[0], whole[1]).item()  # each row its own mask
