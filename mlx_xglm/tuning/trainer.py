@@ -152,7 +152,8 @@ def train(
     """
     group = world(group)
     agree(lambda: args.check(group.size()), group)
-    check_same(_fingerprint(train_set, valid_set), "training or validation data", group)
+    if group.size() > 1:
+        check_same(_fingerprint(train_set, valid_set), "training or validation data", group)
     main = group.rank() == 0
     report = callback if main else lambda update: None
     mx.random.seed(args.seed)
