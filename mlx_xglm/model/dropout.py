@@ -73,5 +73,5 @@ class Dropout(nn.Dropout):
         sequence[0], key = mx.random.split(sequence[0])
         first, total = _rows[-1] if _rows else (0, x.shape[0])
         keys = mx.random.split(key, total)[first : first + x.shape[0]]
-        mask = mx.stack([mx.random.bernoulli(self._p_1, x.shape[1:], key=k) for k in keys])
+        mask = mx.vmap(lambda k: mx.random.bernoulli(self._p_1, x.shape[1:], key=k))(keys)
         return (mask * x) * (1 / self._p_1)
