@@ -208,6 +208,8 @@ def load_draft(args: argparse.Namespace, model, tokenizer, spinner) -> dict:
         return {"prompt_lookup_num_tokens": lookup}
     if args.draft_model is None:
         return {}
+    if args.kv_bits is not None:
+        raise XGLMError("--draft-model cannot take --kv-bits (speculative decoding keeps float caches)")
     if args.num_draft_tokens < 1:
         raise XGLMError(f"--num-draft-tokens must be 1 or more, got {args.num_draft_tokens}")
     if args.max_kv_size is not None:

@@ -226,3 +226,10 @@ def test_the_server_decodes_with_a_quantized_cache(head64_checkpoint, model_and_
         assert response.json()["choices"][0]["text"] == expected
     finally:
         assert server.stop() == 0
+
+
+def test_the_command_line_refuses_kv_bits_with_a_draft_model(head64_checkpoint):
+    model = str(head64_checkpoint)
+    out = run_cli("generate", "--model", model, "-p", "Hi", "--kv-bits", "8", "--draft-model", model)
+    assert out.returncode != 0
+    assert out.stderr.count("\n") == 1 and "--draft-model cannot take --kv-bits" in out.stderr
