@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..errors import XGLMError
+from ..model.token_ids import check_token_ids
 from ..tokenization.detokenizer import StreamingDetokenizer
 from ..tokenization.prompt import Newlines, prompt_ids
 from .cache import cached_tokens, check_prompt_cache, make_prompt_cache
@@ -40,6 +41,7 @@ def generate_step(
         raise XGLMError(
             f"prompt must be a non-empty 1-D array of token ids, got shape {prompt.shape}", param="prompt"
         )
+    check_token_ids(prompt, model.config.vocab_size, "prompt")
     if max_tokens < 0:
         raise XGLMError(f"max_tokens must be 0 or more, got {max_tokens}", param="max_tokens")
     if prefill_step_size < 1:
@@ -119,11 +121,12 @@ class TextStream:
         return text
 
 
-def _prompt_ids(tokenizer, prompt, prompt_cache, newlines: Newlines) -> mx.array:
-    if isinstance(prompt, mx.array):
-        return prompt
-    cached = 0 if prompt_cache is None else cached_tokens(prompt_cache)
-    return mx.array(prompt_ids(tokenizer, prompt, cached, newlines))
+def _prompt_ids(model, tokenizer, prompt, prompt_cache, newlines: Newlines) -> mx.array:
+    if not isinstance(prompt, mx.array):
+        cached = 0 if prompt_cache is None else cached_tokens(prompt_cache)
+        prompt = mx.array(prompt_ids(tokenizer, prompt, cached, newlines))
+    # Checked here too, as the speculative loop does not pass through generate_step.
+    return check_token_ids(prompt, model.config.vocab_size, "prompt")
 
 
 def stream_generate(
@@ -151,7 +154,7 @@ def stream_generate(
     given, is `make_prompt_cache(model) + make_prompt_cache(draft_model)`. Other keyword arguments
     (`prefill_step_size`, `max_kv_size`) go to `generate_step`.
     """
-    ids = _prompt_ids(tokenizer, prompt, prompt_cache, newlines)
+    ids = _prompt_ids(model, tokenizer, prompt, prompt_cache, newlines)
     stream = TextStream(tokenizer, stop, newlines)
     tic = time.perf_counter()
     options = {"max_tokens": max_tokens, "sampler": sampler, "logits_processors": logits_processors}
