@@ -16,6 +16,7 @@ from .cache import cached_tokens, check_prompt_cache, make_prompt_cache
 from .rows import CLEAR_CACHE_EVERY, Rows
 from .sample_utils import LogitsProcessor, Sampler, greedy
 from .speculative import speculative_generate_step
+from .stop_strings import StopStrings
 
 
 def generate_step(
@@ -81,13 +82,18 @@ class GenerationResponse:
 
 class TextStream:
     """Token ids in, final text out: detokenizes, holds back text while a stop string may be forming, and
-    decides when generation stops (`</s>`, a stop string, or two `</s>` in a row in newline mode)."""
+    decides when generation stops (`</s>`, a stop string, or two `</s>` in a row in newline mode).
 
-    def __init__(self, tokenizer, stop: Iterable[str] | None = None, newlines: Newlines = "space"):
+    `stop` is strings or a `StopStrings` built once for many streams; matching is linear in the text.
+    """
+
+    def __init__(
+        self, tokenizer, stop: Iterable[str] | StopStrings | None = None, newlines: Newlines = "space"
+    ):
         self.detokenizer = StreamingDetokenizer(tokenizer, newlines)
         self.eos_id = tokenizer.eos_token_id
         self.newlines = newlines
-        self.stop = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
+        self.stop = (stop if isinstance(stop, StopStrings) else StopStrings(stop)).match()
         self._pending = ""
         self._previous = None
         self.finish_reason = None
@@ -100,16 +106,16 @@ class TextStream:
             self.finish_reason = "stop"
             return self.flush()
         self.detokenizer.add_token(token)
-        self._pending += self.detokenizer.last_segment
-        hits = [i for i in (self._pending.find(s) for s in self.stop) if i >= 0]
-        if hits:
+        segment = self.detokenizer.last_segment
+        start = self.stop.feed(segment)
+        self._pending += segment
+        if start is not None:
             self.finish_reason = "stop"
-            text, self._pending = self._pending[: min(hits)], ""
+            cut = len(self._pending) - len(segment) + start
+            text, self._pending = self._pending[:cut], ""
             return text
-        # Hold back the longest end of the text that could still grow into a stop string.
-        ends = (k for s in self.stop for k in range(1, len(s)) if self._pending.endswith(s[:k]))
-        hold = max(ends, default=0)
-        cut = len(self._pending) - hold
+        # Hold back the end of the text that could still grow into a stop string.
+        cut = len(self._pending) - self.stop.held
         text, self._pending = self._pending[:cut], self._pending[cut:]
         return text
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..decoding.generate import TextStream
+from ..decoding.stop_strings import StopStrings
 from ..tokenization.tokenizer import SPIECE_UNDERLINE
 from .jobs import Token
 
@@ -33,7 +34,7 @@ def token_text(tokenizer, token: int) -> str:
 class Choice:
     """Collects the tokens of one row; `add` returns the text that became final with each."""
 
-    def __init__(self, tokenizer, index: int, stop: list[str], newlines: str = "space"):
+    def __init__(self, tokenizer, index: int, stop: StopStrings | list[str], newlines: str = "space"):
         self.index = index
         self.stream = TextStream(tokenizer, stop, newlines)
         self.text = ""
