@@ -14,6 +14,20 @@ from ..tokenization.tokenizer import SPIECE_UNDERLINE
 from .jobs import Token
 
 
+# JSON has no NaN or infinity: a log-probability below this is sent as this (vLLM sends -9999.0 too).
+LOWEST_LOGPROB = -9999.0
+
+
+def _finite(logprob: float | None) -> float | None:
+    if logprob is None:
+        return None
+    return logprob if logprob >= LOWEST_LOGPROB else LOWEST_LOGPROB  # NaN compares false: floored too
+
+
+def _finite_top(top: list[tuple[int, float]] | None) -> list[tuple[int, float]] | None:
+    return None if top is None else [(token, _finite(lp)) for token, lp in top]
+
+
 @dataclass
 class Entry:
     """A token of the choice: id, log-probability (None for a prompt's first token), top alternatives."""
@@ -48,7 +62,7 @@ class Choice:
         detokenizer = self.stream.detokenizer
         for i, token in enumerate(prompt):
             logprob, top = scores[i - 1] if (scores and i) else (None, None)
-            self.entries.append(Entry(token, logprob, top, len(self.text)))
+            self.entries.append(Entry(token, _finite(logprob), _finite_top(top), len(self.text)))
             detokenizer.add_token(token)
             self.text += detokenizer.last_segment
         return self.text
@@ -60,7 +74,8 @@ class Choice:
         text = ""
         if event.token is not None:
             self.generated += 1
-            self.entries.append(Entry(event.token, event.logprob, event.top, len(self.text)))
+            entry = Entry(event.token, _finite(event.logprob), _finite_top(event.top), len(self.text))
+            self.entries.append(entry)
             text = self.stream.add(event.token)
         if self.stream.finish_reason is not None:
             self.finish_reason = self.stream.finish_reason
