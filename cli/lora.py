@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from mlx_xglm import XGLMError
 from mlx_xglm.checkpoints.adapters import TARGETS, read_adapter_weights
+from mlx_xglm.outputs import check_writable
 from mlx_xglm.tuning import (
     TrainingArgs,
     apply_lora,
@@ -24,7 +25,7 @@ from mlx_xglm.tuning import (
     train,
     trainable_parameters,
 )
-from mlx_xglm.tuning.lora import resume_adapter
+from mlx_xglm.tuning.lora import check_lora_options, resume_adapter
 
 from .options import DEFAULT_MODEL, help_formatter, load_model
 from .progress import TrainingDisplay
@@ -148,22 +149,49 @@ def settings_from(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**merged)
 
 
+# A settings file is a few lines; a bigger one is a mistake (or an attack), and so are YAML aliases,
+# which can make a small file expand to gigabytes ("billion laughs").
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _load_yaml(text: str):
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(
+                    f"line {mark.line + 1}: aliases (*name) are not allowed in a settings file"
+                )
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliases)  # noqa: S506 (a SafeLoader)
+
+
 def _read_yaml(file: Path) -> dict:
     import yaml
 
     try:
-        config = yaml.safe_load(file.read_text(encoding="utf-8"))
+        if file.stat().st_size > MAX_CONFIG_BYTES:
+            raise XGLMError(f"-c {file} is over {MAX_CONFIG_BYTES >> 20} MB; a settings file is a few lines")
+        config = _load_yaml(file.read_text(encoding="utf-8"))
     except OSError as e:
         raise XGLMError(f"cannot read -c {file}: {e.strerror}") from None
     except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise XGLMError(f"-c {file} is not a YAML file: {e}".replace("\n", " ")) from None
-    config = config or {}
+        reason = " ".join(str(e).split())
+        reason = reason if len(reason) <= 200 else reason[:200] + "..."
+        raise XGLMError(f"-c {file} is not a valid YAML settings file: {reason}") from None
+    config = {} if config is None else config
     if not isinstance(config, dict):
-        raise XGLMError(f"-c {file} must hold a mapping of settings")
+        raise XGLMError(
+            f"-c {file} must hold a mapping of settings (name: value lines), got a {type(config).__name__}"
+        )
     config = {str(k).replace("-", "_"): v for k, v in config.items()}
     unknown = sorted(set(config) - set(DEFAULTS))
     if unknown:
-        raise XGLMError(f"-c {file}: unknown setting {unknown[0]}; the settings are the flag names of lora")
+        name = unknown[0] if len(unknown[0]) <= 60 else unknown[0][:60] + "..."
+        raise XGLMError(f"-c {file}: unknown setting {name}; the settings are the flag names of lora")
     return {key: _typed(file, key, value) for key, value in config.items()}
 
 
@@ -176,10 +204,20 @@ def _typed(file: Path, key: str, value):
         if not isinstance(value, bool):
             raise XGLMError(f"-c {file}: {key} must be true or false, got {value!r}")
         return value
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."
     try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise XGLMError(f"-c {file}: {key} must be a number, got {value!r}") from None
+        if isinstance(value, (list, dict, bool)):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise XGLMError(f"-c {file}: {key} must be a number, got {shown}") from None
+    if not math.isfinite(number):
+        raise XGLMError(f"-c {file}: {key} must be a finite number, got {shown}")
+    if kind is int:
+        if number != int(number):
+            raise XGLMError(f"-c {file}: {key} must be a whole number, got {shown}")
+        return int(number)
+    return number
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,6 +240,10 @@ def _run(s: argparse.Namespace) -> int:
     args.check()
     if s.test_batches == 0 or s.test_batches < -1:
         raise XGLMError(f"--test-batches must be -1 (all) or 1 or more, got {s.test_batches}")
+    if s.train:
+        # Everything that would fail after training, checked before it.
+        check_lora_options(s.rank, s.alpha, s.dropout)
+        check_writable(s.adapter_path, "adapter_path", folder=True)
     display = TrainingDisplay()
     model, tokenizer, _ = load_model(
         s.model, s.revision, display.spinner, adapter_path=None if s.train else s.adapter_path
@@ -216,8 +258,11 @@ def _run(s: argparse.Namespace) -> int:
         apply_lora(model, config)
         if s.resume_adapter_file:
             resume_adapter(model, read_adapter_weights(Path(s.resume_adapter_file)), s.resume_adapter_file)
-        display.note(_parameters_line(*trainable_parameters(model)))
+        trainable, total = trainable_parameters(model)
+        display.note(_parameters_line(trainable, total))
         folder = Path(s.adapter_path)
+        # float32 arrays, and room for the new file beside the old one while it is replaced.
+        check_writable(folder, "adapter_path", folder=True, need_bytes=2 * 4 * trainable + (1 << 20))
         try:
             with display.training(s.iters):
                 train(

@@ -13,7 +13,6 @@ from ..decoding.stop_strings import StopStrings
 from ..tokenization.tokenizer import SPIECE_UNDERLINE
 from .jobs import Token
 
-
 # JSON has no NaN or infinity: a log-probability below this is sent as this (vLLM sends -9999.0 too).
 LOWEST_LOGPROB = -9999.0
 

@@ -7,6 +7,7 @@ through a callback and leaves saving to one too, so it knows nothing of files or
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ..errors import XGLMError
 from ..model.loss import IGNORE_INDEX
@@ -46,8 +48,13 @@ class TrainingArgs:
             raise XGLMError(
                 f"val_batches must be -1 (all) or 0 or more, got {self.val_batches}", param="val_batches"
             )
-        if not self.learning_rate > 0:
-            raise XGLMError(f"learning_rate must be above 0, got {self.learning_rate}", param="learning_rate")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise XGLMError(
+                f"learning_rate must be a finite number above 0, got {self.learning_rate}",
+                param="learning_rate",
+            )
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
+            raise XGLMError(f"seed must be a whole number from 0 to 2**32 - 1, got {self.seed}", param="seed")
 
 
 @dataclass
@@ -104,7 +111,8 @@ def train(
     Validation runs before the first step, every `steps_per_eval` steps and after the last; `save(it)`
     is called every `save_every` steps and after the last, and also when Ctrl-C stops the run (with the
     last finished step; the KeyboardInterrupt is then raised again). Batches are drawn from `train_set`
-    in a shuffled order seeded by `args.seed`.
+    in a shuffled order seeded by `args.seed`. A loss or adapter that is no longer finite (NaN or
+    infinity: a learning rate too high) stops training with an XGLMError before anything more is saved.
     """
     args.check()
     mx.random.seed(args.seed)
@@ -124,9 +132,11 @@ def train(
             if it % args.steps_per_eval == 0 or it == args.iters:
                 _validate(model, valid_set, args, it, callback)
             if it % args.save_every == 0 or it == args.iters:
+                _check_finite(model, it)
                 save(it)
                 callback(TrainingUpdate("save", it))
     except KeyboardInterrupt:
+        _check_finite(model, done)
         save(done)
         callback(TrainingUpdate("save", done))
         raise
@@ -153,7 +163,14 @@ def _run_step(model, step, optimizer, batch, it: int, args: TrainingArgs, meter:
     optimizer.update(model, grads)
     mx.eval(model.parameters(), optimizer.state, loss, tokens)
     meter.seconds += time.perf_counter() - start
-    meter.loss += loss.item()
+    value = loss.item()
+    if not math.isfinite(value):
+        raise XGLMError(
+            f"the training loss became {value} at step {it}; training stopped and this step's adapter was "
+            "not saved (lower the learning rate, or check the data)",
+            param="learning_rate",
+        )
+    meter.loss += value
     meter.tokens += tokens.item()
     meter.steps += 1
     callback(TrainingUpdate("step", it))
@@ -172,6 +189,18 @@ def _run_step(model, step, optimizer, batch, it: int, args: TrainingArgs, meter:
         )
     )
     meter.loss, meter.tokens, meter.steps, meter.seconds = 0.0, 0, 0, 0.0
+
+
+def _check_finite(model: nn.Module, it: int) -> None:
+    trainable = [v for _, v in tree_flatten(model.trainable_parameters())]
+    checks = [mx.isfinite(v).all() for v in trainable]
+    mx.eval(checks)
+    if not all(c.item() for c in checks):
+        raise XGLMError(
+            f"the adapter holds NaN or infinite values after step {it}; training stopped and it was not "
+            "saved (lower the learning rate)",
+            param="learning_rate",
+        )
 
 
 def _validate(model, valid_set, args: TrainingArgs, iteration: int, callback) -> None:
