@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from mlx_xglm import XGLMError
 from mlx_xglm.checkpoints.adapters import TARGETS, read_adapter_weights
+from mlx_xglm.evaluation.perplexity import exp_nll
 from mlx_xglm.outputs import check_writable
 from mlx_xglm.tuning import (
     TrainingArgs,
@@ -278,7 +279,7 @@ def _run(s: argparse.Namespace) -> int:
             return 130
     if s.test:
         loss = evaluate(model, data["test"], s.batch_size, s.test_batches, s.mask_prompt)
-        display.note(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 700)):.3f}.")
+        display.note(f"Test loss {loss:.3f}, Test ppl {exp_nll(loss, 1):.3f}.")
     return 0
 
 
