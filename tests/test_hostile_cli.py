@@ -43,7 +43,7 @@ def data(tmp_path_factory):
         (["--alpha", "inf"], "--alpha must be a finite number"),
         (["--learning-rate", "inf"], "--learning-rate must be a finite number above 0"),
         (["--seed", "-1"], "--seed must be a whole number"),
-        (["--rank", "0"], "--rank must be a whole number of 1 or more"),
+        (["--rank", "0"], "--rank must be 1 or more"),
     ],
 )
 def test_lora_refuses_bad_numbers_before_loading(capsys, data, tmp_path, flags, message):

@@ -70,7 +70,7 @@ def make_sampler(
     reproducible.
     """
     if not (temp >= 0 and math.isfinite(temp)):
-        raise XGLMError(f"temp must be a finite number >= 0, got {temp}", param="temp")
+        raise XGLMError(f"temp must be >= 0 and finite, got {temp}", param="temp")
     if not 0 < top_p <= 1:
         raise XGLMError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
     if not (isinstance(top_k, int) and top_k >= 0):
@@ -156,7 +156,7 @@ def make_logits_processors(
     if repetition_penalty is not None and repetition_penalty != 1.0:
         if not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
             raise XGLMError(
-                f"repetition_penalty must be a finite number > 0, got {repetition_penalty}",
+                f"repetition_penalty must be > 0 and finite, got {repetition_penalty}",
                 param="repetition_penalty",
             )
         if repetition_context_size is not None and not (

@@ -16,7 +16,7 @@ from ..model.lora import LoRALinear
 def check_lora_options(rank: int, alpha: float, dropout: float) -> None:
     """XGLMError naming the first of the adapter's `rank`, `alpha` and `dropout` that cannot train."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise XGLMError(f"rank must be a whole number of 1 or more, got {rank}", param="rank")
+        raise XGLMError(f"rank must be 1 or more (a whole number), got {rank}", param="rank")
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
         raise XGLMError(f"alpha must be a finite number, got {alpha}", param="alpha")
     if not 0 <= dropout < 1:
