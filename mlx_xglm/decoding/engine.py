@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..errors import XGLMError
+from ..model.batch_cache import BatchKVCache
 from ..model.token_ids import check_token_ids
-from .batch_cache import BatchKVCache
 from .cache import check_prompt_cache
 from .rows import CLEAR_CACHE_EVERY, Rows
 from .sample_utils import LogitsProcessor, Sampler, greedy

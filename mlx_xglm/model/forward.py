@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ..decoding.cache import KVCache
 from ..errors import XGLMError
+from .cache import KVCache
 from .loss import causal_lm_loss
 from .masks import padding_mask, padding_positions
 from .token_ids import check_token_ids

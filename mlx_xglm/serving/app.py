@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
-from ..decoding.chat import DEFAULT_TEMPLATE, split_template
+from ..tokenization.prompt import DEFAULT_TEMPLATE, split_template
 from .chat_completions import create_chat_completion
 from .completions import create_completion
 from .engine import Engine

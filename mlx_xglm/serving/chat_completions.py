@@ -13,8 +13,8 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..decoding.chat import user_marker
 from ..decoding.stop_strings import StopStrings
+from ..tokenization.prompt import user_marker
 from .choices import Choice, chat_logprobs
 from .errors import APIError
 from .generation import Generation, sampling_from, sse, sse_error
