@@ -88,6 +88,16 @@ def test_a_non_streamed_request_stops_when_its_client_leaves(server):
     assert "client went away" in log and "Traceback" not in log
 
 
+def test_a_client_leaving_a_stream_logs_no_traceback(server):
+    body = {"prompt": "Bonjour", "max_tokens": 50000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=HEADERS, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    assert wait_for_rows(server, 0, timeout=5)
+    time.sleep(0.2)
+    assert "Traceback" not in server.output()
+
+
 @pytest.mark.parametrize("max_tokens", [99_990, 2**64])
 def test_max_tokens_past_the_context_is_400(server, max_tokens):
     response = post(server, json={"prompt": "Bonjour le monde", "max_tokens": max_tokens})
