@@ -81,3 +81,10 @@ def test_load_refuses_a_config_vocabulary_smaller_than_the_tokenizer(make_checkp
     with pytest.raises(XGLMError, match="vocab_size") as e:
         load(folder)
     assert e.value.param == "vocab_size"
+
+
+def test_text_with_a_lone_surrogate_is_refused(loaded):
+    model, tokenizer = loaded
+    with pytest.raises(XGLMError, match="lone surrogate") as e:
+        generate(model, tokenizer, "Bonjour \ud800", max_tokens=1)
+    assert e.value.param == "text"
