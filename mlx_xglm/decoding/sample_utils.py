@@ -69,8 +69,10 @@ def make_sampler(
     `min_tokens_to_keep` tokens. Sampling draws from MLX's global generator: `mx.random.seed(n)` makes it
     reproducible.
     """
-    if not (temp >= 0 and math.isfinite(temp)):
-        raise XGLMError(f"temp must be >= 0 and finite, got {temp}", param="temp")
+    if not temp >= 0:
+        raise XGLMError(f"temp must be >= 0, got {temp}", param="temp")
+    if not math.isfinite(temp):
+        raise XGLMError(f"temp must be a finite number, got {temp}", param="temp")
     if not 0 < top_p <= 1:
         raise XGLMError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
     if not (isinstance(top_k, int) and top_k >= 0):
