@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import XGLMError
 from ..model.cache import RotatingKVCache
+from ..model.token_ids import check_token_ids
 from .cache import check_kv_bits, check_prompt_cache, make_prompt_cache, maybe_quantize_kv_cache
 from .rows import CLEAR_CACHE_EVERY, generation_stream
 from .sample_utils import LogitsProcessor, Sampler, greedy
@@ -81,6 +82,7 @@ def prompt_lookup_generate_step(
         raise XGLMError(
             f"prompt must be a non-empty 1-D array of token ids, got shape {prompt.shape}", param="prompt"
         )
+    check_token_ids(prompt, model.config.vocab_size, "prompt")
     if prefill_step_size < 1:
         raise XGLMError(f"prefill_step_size must be >= 1, got {prefill_step_size}", param="prefill_step_size")
     sampler = sampler or greedy

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..errors import XGLMError
+from ..model.token_ids import check_token_ids
 from .engine import BatchStats, Response, _per_row
 from .prompt_lookup import prompt_lookup_generate_step
 from .sample_utils import Sampler, greedy
@@ -88,6 +89,7 @@ class SoloGenerator:
             raise XGLMError("rows decoded one at a time start without a prompt cache", param="caches")
         if any(not isinstance(p, list | tuple) or not p for p in prompts):
             raise XGLMError("prompts must each be a non-empty list of token ids", param="prompts")
+        check_token_ids(prompts, self.model.config.vocab_size, "prompts")
         limits = _per_row(max_tokens, n, "max_tokens")
         samplers = _per_row(samplers, n, "samplers")
         if not logits_processors or callable(logits_processors[0]):
