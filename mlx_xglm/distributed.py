@@ -29,7 +29,7 @@ def world(group=None):
         return group
     group = mx.distributed.init()
     if group.size() == 1 and launched_size() > 1:
-        raise XGLMError(
+        raise AgreedError(
             f"mlx.launch started this process as rank {os.environ.get('MLX_RANK')} of {launched_size()}, "
             "but this MLX has no working distributed backend for it (ring, mpi or jaccl); check the "
             "launcher's --backend and that every host runs the same MLX build"

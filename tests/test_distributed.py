@@ -1,0 +1,128 @@
+"""Several processes under `mlx.launch --backend ring -n 2` on localhost: tensor parallel and pipelined
+generation equal to one process, logits and memory at 564M's widths, and errors that stop every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from launching import ring
+from xglm_fixtures import hub_config, random_weights
+
+CLI = [sys.executable, "-m", "mlx_xglm.cli"]
+WORKER = Path(__file__).parent / "distributed_worker.py"
+# Each launch starts two Pythons that import MLX on a shared 2-core machine.
+TIMEOUT = 300
+
+
+def run(command: list, cwd=None, env=None) -> subprocess.CompletedProcess:
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "MLX_XGLM_DEBUG"},
+        "HF_HUB_OFFLINE": "1",
+        **(env or {}),
+    }
+    return subprocess.run(
+        list(map(str, command)), capture_output=True, text=True, cwd=cwd, env=env, timeout=TIMEOUT
+    )
+
+
+def generate(model: Path, *flags, ranks: int = 1) -> subprocess.CompletedProcess:
+    command = [*CLI, "generate", "--model", model, "--prompt", "Bonjour le monde", "-m", 10, "--json", *flags]
+    command += ["--repetition-penalty", 1.3]
+    return run([*ring(ranks), *command] if ranks > 1 else command)
+
+
+@pytest.fixture(scope="module")
+def one_process(lively_checkpoint):
+    result = generate(lively_checkpoint)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("flags", [[], ["--pipeline"]], ids=["tensor", "pipeline"])
+def test_two_ranks_generate_the_greedy_tokens_of_one_process(lively_checkpoint, one_process, flags):
+    result = generate(lively_checkpoint, *flags, ranks=2)
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines() or [result.stderr]  # rank 0 alone prints
+    assert len(set(one_process["tokens"])) > 3
+    assert json.loads(line)["tokens"] == one_process["tokens"]
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory, sp_model):
+    """XGLM-564M's widths (d_model 1024, 16 heads, ffn 4096, vocabulary 256,008) with 2 layers."""
+    from xglm_fixtures import build_checkpoint
+
+    config = hub_config(d_model=1024, attention_heads=16, ffn_dim=4096, vocab_size=256008, num_layers=2)
+    weights = random_weights(config)
+    weights["model.embed_tokens.weight"] *= 0.1
+    return build_checkpoint(tmp_path_factory.mktemp("wide"), sp_model, weights=weights, **config)
+
+
+@pytest.fixture(scope="module")
+def wide_logits(wide_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("logits")
+    for mode, prefix in (("one", []), ("tensor", ring(2)), ("pipeline", ring(2))):
+        result = run([*prefix, sys.executable, WORKER, wide_checkpoint, out, mode])
+        assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_float32_logits_at_564M_widths_match_one_process(wide_logits, mode):
+    one, two = np.load(wide_logits / "one.npy"), np.load(wide_logits / f"{mode}.npy")
+    assert one.shape == two.shape == (1, 8, 256008)
+    np.testing.assert_allclose(two, one, atol=1e-4, rtol=0)
+
+
+def test_tensor_parallel_rank_0_peak_memory_is_at_most_0_6_of_one_process(wide_logits):
+    def peak(name):
+        return json.loads((wide_logits / f"{name}.json").read_text())["peak_memory"]
+
+    assert peak("tensor-0") <= 0.6 * peak("one-0")
+    assert peak("tensor-1") <= 0.6 * peak("one-0")
+
+
+def one_error_line(result: subprocess.CompletedProcess, ranks: int = 2) -> str:
+    """Every rank exited non-zero, and stderr carries one error line.
+
+    The launcher itself exits 0 whatever its ranks do; it warns for each rank that failed.
+    """
+    if ranks == 1:
+        assert result.returncode != 0
+    else:
+        for rank in range(ranks):
+            assert re.search(rf"rank {rank} (exited with code -?[1-9]|was killed)", result.stderr), result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_heads_that_do_not_split_over_the_ranks_stop_every_rank(make_checkpoint):
+    result = generate(make_checkpoint(attention_heads=1), ranks=2)
+    assert "attention_heads 1 does not split over 2 processes" in one_error_line(result)
+
+
+def test_more_pipeline_ranks_than_layers_stop_every_rank(make_checkpoint):
+    result = generate(make_checkpoint(num_layers=1), "--pipeline", ranks=2)
+    assert "cannot pipeline 1 layers over 2 processes" in one_error_line(result)
+
+
+def test_ranks_that_open_different_checkpoints_stop_every_rank(make_checkpoint, tmp_path):
+    for rank, seed in enumerate((0, 1)):
+        (tmp_path / f"model{rank}").symlink_to(make_checkpoint(seed=seed))
+    script = f'exec "$0" -m mlx_xglm.cli generate --model {tmp_path}/model$MLX_RANK --prompt hi --json'
+    result = run([*ring(2), "bash", "-c", script, sys.executable])
+    assert "rank 1 opened a different checkpoint than rank 0" in one_error_line(result)
+
+
+def test_a_launched_rank_without_a_backend_says_so(tiny_checkpoint):
+    command = [*CLI, "generate", "--model", tiny_checkpoint, "--prompt", "hi"]
+    result = run(command, env={"MLX_RANK": "0", "MLX_WORLD_SIZE": "2"})
+    assert "no working distributed backend" in one_error_line(result, ranks=1)
