@@ -87,7 +87,8 @@ def read_tensor_parallel(checkpoint: Checkpoint, group) -> None:
         (n, read_tensor(t)) for n, t in tensors.items() if not n.startswith(("model.layers.", *VOCAB_TABLES))
     ]
     model.load_weights(rest, strict=False)
-    mx.eval(model.parameters())
+    # Not model.parameters(): the layers and tables not read yet hold random initial values.
+    mx.eval([value for _, value in rest])
     for i, layer in enumerate(model.layers):
         prefix = f"model.layers.{i}."
         layer.load_weights(

@@ -54,10 +54,11 @@ def read_rows(checkpoint: Checkpoint, name: str, start: int, stop: int) -> mx.ar
         dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.size
         offset = data_start + entry["data_offsets"][0] + start * row_bytes
-        data = np.fromfile(file, dtype=np.uint8, count=(stop - start) * row_bytes, offset=offset)
-        if data.size != (stop - start) * row_bytes:
+        if offset + (stop - start) * row_bytes > file.stat().st_size:
             raise XGLMError(f"{file}: tensor {original} is cut short; the file is incomplete, get it again")
-        return mx.array(data.reshape(stop - start, row_bytes)).view(dtype).reshape(stop - start, *shape[1:])
+        # Mapped, not read into memory of our own: the copy into MLX is the only one.
+        data = np.memmap(file, dtype=np.uint8, mode="r", offset=offset, shape=(stop - start, row_bytes))
+        return mx.array(data).view(dtype).reshape(stop - start, *shape[1:])
     raise XGLMError(f"{checkpoint.path}: tensor {name} is in no weight file")
 
 
