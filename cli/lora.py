@@ -26,6 +26,7 @@ from mlx_xglm.tuning import (
 )
 from mlx_xglm.tuning.lora import resume_adapter
 
+from .launch import finish_ranks, start_ranks
 from .options import DEFAULT_MODEL, help_formatter, load_model
 from .progress import TrainingDisplay
 
@@ -202,6 +203,7 @@ def _run(s: argparse.Namespace) -> int:
     args.check()
     if s.test_batches == 0 or s.test_batches < -1:
         raise XGLMError(f"--test-batches must be -1 (all) or 1 or more, got {s.test_batches}")
+    group = start_ranks()
     display = TrainingDisplay()
     model, tokenizer, _ = load_model(
         s.model, s.revision, display.spinner, adapter_path=None if s.train else s.adapter_path
@@ -225,9 +227,11 @@ def _run(s: argparse.Namespace) -> int:
                     data["train"],
                     data["valid"],
                     args,
-                    save=lambda it: save_adapter(model, folder, config),
+                    save=lambda it: save_adapter(model, folder, config) if group.rank() == 0 else None,
                     callback=lambda update: display.update(update, folder),
+                    group=group,
                 )
+            finish_ranks(group)
         except KeyboardInterrupt:
             display.note(f"Interrupted: the adapter of the last finished step is in {folder}")
             return 130

@@ -98,7 +98,9 @@ def one_error_line(result: subprocess.CompletedProcess, ranks: int = 2) -> str:
         assert result.returncode != 0
     else:
         for rank in range(ranks):
-            assert re.search(rf"rank {rank} (exited with code -?[1-9]|was killed)", result.stderr), result.stderr
+            assert re.search(rf"rank {rank} (exited with code -?[1-9]|was killed)", result.stderr), (
+                result.stderr
+            )
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
     return errors[0]
@@ -126,3 +128,25 @@ def test_a_launched_rank_without_a_backend_says_so(tiny_checkpoint):
     command = [*CLI, "generate", "--model", tiny_checkpoint, "--prompt", "hi"]
     result = run(command, env={"MLX_RANK": "0", "MLX_WORLD_SIZE": "2"})
     assert "no working distributed backend" in one_error_line(result, ranks=1)
+
+
+def test_data_parallel_lora_trains_the_adapter_of_one_process(make_checkpoint, tmp_path):
+    from lora_fixtures import data_folder
+    from safetensors.numpy import load_file
+
+    # Without dropout (its masks follow each process's share of the batch), in float32.
+    model = make_checkpoint(dropout=0.0, attention_dropout=0.0)
+    data = data_folder(tmp_path / "data")
+    args = [*CLI, "lora", "--model", model, "--train", "--data", data, "--iters", 3, "--batch-size", 4]
+    args += ["--val-batches", 0, "--learning-rate", 1e-3, "--steps-per-report", 1]
+    adapters = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"adapter{ranks}"
+        result = run([*(ring(ranks) if ranks > 1 else []), *args, "--adapter-path", out])
+        assert result.returncode == 0 and "exited with code" not in result.stderr, result.stderr
+        assert result.stdout.count("Iter 3: Train loss") == 1  # rank 0 alone reports
+        adapters[ranks] = load_file(out / "adapter_model.safetensors")
+    assert adapters[2].keys() == adapters[1].keys()
+    for name, value in adapters[1].items():
+        np.testing.assert_allclose(adapters[2][name], value, atol=1e-4, rtol=0, err_msg=name)
+        assert np.abs(value).max() > 0

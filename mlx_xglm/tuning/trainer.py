@@ -15,7 +15,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_map
 
+from ..distributed import AgreedError
 from ..errors import XGLMError
 from ..model.loss import IGNORE_INDEX
 from .data import Example, iterate_batches
@@ -71,6 +73,32 @@ def loss_and_tokens(model: nn.Module, ids: mx.array, labels: mx.array) -> tuple[
     return loss, (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
+def summed_loss_and_tokens(model: nn.Module, ids: mx.array, labels: mx.array) -> tuple[mx.array, mx.array]:
+    """The summed loss of a batch over the tokens it scores, and how many tokens that is: what each rank
+    of a data-parallel step adds up, so that the sums over ranks give one process's mean."""
+    loss, tokens = loss_and_tokens(model, ids, labels)
+    return loss * tokens, tokens
+
+
+def data_parallel_step(model, group) -> Callable:
+    """`step(model, ids, labels)` -> ((mean loss, tokens), gradients) over the whole batch of which this
+    rank computes rows [rank * B/N, (rank + 1) * B/N): its summed loss's gradients and its token count are
+    summed over the ranks (`mx.distributed.all_sum`), then divided by the batch's scored tokens."""
+    summed = nn.value_and_grad(model, summed_loss_and_tokens)
+    size, rank = group.size(), group.rank()
+
+    def step(model, ids, labels):
+        rows = ids.shape[0] // size
+        mine = slice(rank * rows, (rank + 1) * rows)
+        (loss, tokens), grads = summed(model, ids[mine], labels[mine])
+        loss, tokens = mx.distributed.all_sum(mx.stack([loss, tokens.astype(loss.dtype)]), group=group)
+        grads = nn.average_gradients(grads, group=group)
+        grads = tree_map(lambda g: g * (size / tokens), grads)
+        return (loss / tokens, tokens), grads
+
+    return step
+
+
 def evaluate(
     model: nn.Module, examples: list[Example], batch_size: int, num_batches: int = -1, mask_prompt=False
 ) -> float:
@@ -98,8 +126,13 @@ def train(
     save: Callable[[int], None],
     callback: Callable[[TrainingUpdate], None] = lambda update: None,
     optimizer: optim.Optimizer | None = None,
+    group=None,
 ) -> None:
     """Train the model's trainable parameters for `args.iters` steps.
+
+    With a `group` of several processes (`mlx.launch`) the training is data parallel: every rank draws
+    the same batches, computes its share of each (`batch_size` must split evenly) and the gradients are
+    summed over ranks, so that without dropout the steps are one process's (see `data_parallel_step`).
 
     Validation runs before the first step, every `steps_per_eval` steps and after the last; `save(it)`
     is called every `save_every` steps and after the last, and also when Ctrl-C stops the run (with the
@@ -107,9 +140,15 @@ def train(
     in a shuffled order seeded by `args.seed`.
     """
     args.check()
+    parallel = group is not None and group.size() > 1
+    if parallel and args.batch_size % group.size():
+        raise AgreedError(
+            f"batch_size {args.batch_size} does not split over {group.size()} processes; use a multiple",
+            param="batch_size",
+        )
     mx.random.seed(args.seed)
     optimizer = optimizer or optim.Adam(learning_rate=args.learning_rate)
-    step = nn.value_and_grad(model, loss_and_tokens)
+    step = data_parallel_step(model, group) if parallel else nn.value_and_grad(model, loss_and_tokens)
     batches = iterate_batches(
         train_set, args.batch_size, args.mask_prompt, loop=True, rng=np.random.default_rng(args.seed)
     )
