@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import warnings
 
 import mlx.core as mx
 
+from mlx_xglm.decoding.rows import generation_stream
 from mlx_xglm.distributed import AgreedError, share_seed, world
 
 LAUNCH_NOTE = """
@@ -59,5 +63,19 @@ def finish_ranks(group) -> None:
     """Wait for this rank's queued work and for every other rank, so that none exits while another still
     needs it (a step queued ahead of the last token is still in flight)."""
     if group.size() > 1:
+        mx.synchronize(generation_stream())
         mx.synchronize()
         mx.eval(mx.distributed.all_sum(mx.array(0), group=group, stream=mx.cpu))
+
+
+def stop_with_launcher() -> None:
+    """SIGTERM this process when `mlx.launch` goes away (its end of our stdin closes): a launcher killed
+    by SIGTERM, or stopped by Ctrl-C, cannot stop its ranks itself."""
+
+    def watch() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while os.read(sys.stdin.fileno(), 4096):
+                pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="mlx-xglm-launcher-watch", daemon=True).start()

@@ -8,6 +8,7 @@ import os
 from mlx_xglm import XGLMError
 from mlx_xglm.decoding.chat import DEFAULT_TEMPLATE, split_template
 
+from .launch import start_ranks, stop_with_launcher
 from .options import add_adapter_arg, add_model_args, help_formatter, load_model, unescape
 from .render import Renderer
 
@@ -104,7 +105,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from mlx_xglm.serving import serve
+        from mlx_xglm.serving import follow, serve
     except ImportError as e:
         raise XGLMError(
             f"mlx-xglm server needs the [server] extra ({e.name} is missing): pip install 'mlx-xglm[server]'"
@@ -112,7 +113,13 @@ def run(args: argparse.Namespace) -> int:
     template = unescape(args.chat_template)
     engine_args = {"max_batch": args.max_batch, "max_queue": args.max_queue, "max_kv_size": args.max_kv_size}
     split_template(template)  # before the model loads
-    model, tokenizer, _ = load_model(args.model, args.revision, Renderer().spinner, args.adapter_path)
+    group = start_ranks()
+    model, tokenizer, _ = load_model(args.model, args.revision, Renderer().spinner, args.adapter_path, group)
+    if group.rank() != 0:
+        follow(model, tokenizer, group, engine_args)
+        return 0
+    if group.size() > 1:
+        stop_with_launcher()
     serve(
         model,
         tokenizer,
@@ -125,5 +132,6 @@ def run(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         max_body_bytes=args.max_body_bytes,
         chat_template=template,
+        group=group,
     )
     return 0

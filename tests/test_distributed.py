@@ -150,3 +150,63 @@ def test_data_parallel_lora_trains_the_adapter_of_one_process(make_checkpoint, t
     for name, value in adapters[1].items():
         np.testing.assert_allclose(adapters[2][name], value, atol=1e-4, rtol=0, err_msg=name)
         assert np.abs(value).max() > 0
+
+
+def ask(url: str) -> list:
+    """Greedy completion with logprobs, seeded sampling of 2 choices, and a streamed greedy chat reply."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120)
+    greedy = client.completions.create(
+        model="m", prompt="Bonjour le monde", max_tokens=8, temperature=0, logprobs=2,
+        extra_body={"repetition_penalty": 1.3},
+    )  # fmt: skip
+    seeded = client.completions.create(model="m", prompt="Hello", max_tokens=6, temperature=0.8, seed=3, n=2)
+    stream = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Salut"}], max_tokens=6, temperature=0, stream=True
+    )
+    chat = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    choice = greedy.choices[0]
+    return [choice.text, choice.logprobs.token_logprobs, [c.text for c in seeded.choices], chat]
+
+
+def test_server_on_two_ranks_answers_as_one_process_and_stops_with_the_launcher(lively_checkpoint):
+    import signal
+    import time
+
+    import httpx
+    from xglm_fixtures import ServerProcess, free_port
+
+    server = ServerProcess(lively_checkpoint)
+    try:
+        one = ask(server.url)
+    finally:
+        server.stop()
+    port = free_port()
+    command = [*ring(2), *CLI, "server", "--model", lively_checkpoint, "--port", port]
+    launcher = subprocess.Popen(
+        list(map(str, command)), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        children = subprocess.run(
+            ["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True, timeout=10
+        )
+        ranks = [int(pid) for pid in children.stdout.split()]
+        assert len(ranks) == 2
+        two = ask(f"http://127.0.0.1:{port}")
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(30)
+    assert two[0] == one[0] and two[2:] == one[2:]
+    np.testing.assert_allclose(two[1], one[1], atol=1e-4)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks)  # SIGTERM to the launcher stops every rank

@@ -9,6 +9,7 @@ import uvicorn
 
 from .app import create_app
 from .engine import Engine
+from .ranks import FollowerEngine, LeaderEngine
 
 # Seconds uvicorn waits for open responses after a signal; the engine has ended their rows by then.
 GRACEFUL_SECONDS = 5
@@ -40,15 +41,22 @@ def serve(
     port: int = 8080,
     log_level: str = "info",
     engine_args: dict | None = None,
+    group=None,
     **app_args,
 ) -> None:
     """Serve `model` on `host:port` until SIGINT or SIGTERM.
+
+    With a `group` of several processes (`mlx.launch`, the model sharded over it) this is rank 0, which
+    shares each step's work with the other ranks; they run `follow` meanwhile.
 
     `engine_args` go to `Engine` (`max_batch`, `max_queue`, `max_kv_size`, `prefill_step_size`),
     `app_args` to `create_app` (`api_key`, `max_prompt_tokens`, `max_body_bytes`, `chat_template`).
     `log_level` sets both uvicorn's and the per-request log lines' level.
     """
-    engine = Engine(model, tokenizer, **(engine_args or {}))
+    if group is not None and group.size() > 1:
+        engine = LeaderEngine(model, tokenizer, group, **(engine_args or {}))
+    else:
+        engine = Engine(model, tokenizer, **(engine_args or {}))
     app = create_app(engine, model_id, **app_args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=log_level.upper())
     logging.getLogger("mlx_xglm.serving").setLevel(log_level.upper())
@@ -61,3 +69,8 @@ def serve(
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
     )
     _Server(config, engine).run()
+
+
+def follow(model, tokenizer, group, engine_args: dict | None = None) -> None:
+    """On a rank other than 0 of `group`: run the work rank 0's `serve` shares until it stops."""
+    FollowerEngine(model, tokenizer, group, **(engine_args or {})).run()
