@@ -48,10 +48,34 @@ def one_process(lively_checkpoint):
 @pytest.mark.parametrize("flags", [[], ["--pipeline"]], ids=["tensor", "pipeline"])
 def test_two_ranks_generate_the_greedy_tokens_of_one_process(lively_checkpoint, one_process, flags):
     result = generate(lively_checkpoint, *flags, ranks=2)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0 and "exited with code" not in result.stderr, result.stderr
     (line,) = result.stdout.splitlines() or [result.stderr]  # rank 0 alone prints
     assert len(set(one_process["tokens"])) > 3
     assert json.loads(line)["tokens"] == one_process["tokens"]
+
+
+def test_quantized_tensor_parallel_and_adapter_pipeline_generate_as_one_process(lively_checkpoint, tmp_path):
+    from lora_fixtures import random_adapter
+
+    from mlx_xglm import convert
+
+    quantized = convert(
+        lively_checkpoint, tmp_path / "q8", quantize=True, q_bits=8, q_group_size=32, verbose=False
+    ).path
+    adapter = ["--adapter-path", random_adapter(lively_checkpoint, tmp_path / "adapter")]
+    for model, flags in ((quantized, []), (lively_checkpoint, [*adapter, "--pipeline"])):
+        one = generate(model, *flags[:2])
+        two = generate(model, *flags, ranks=2)
+        assert one.returncode == two.returncode == 0 and "exited with code" not in two.stderr, two.stderr
+        assert json.loads(two.stdout)["tokens"] == json.loads(one.stdout)["tokens"]
+
+
+def test_an_adapter_under_tensor_parallelism_is_refused(lively_checkpoint, tmp_path):
+    from lora_fixtures import random_adapter
+
+    adapter = random_adapter(lively_checkpoint, tmp_path / "adapter")
+    result = generate(lively_checkpoint, "--adapter-path", adapter, ranks=2)
+    assert "fuse it into the model first" in one_error_line(result)
 
 
 @pytest.fixture(scope="module")
