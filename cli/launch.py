@@ -13,7 +13,7 @@ import warnings
 import mlx.core as mx
 
 from mlx_xglm.decoding.rows import generation_stream
-from mlx_xglm.distributed import AgreedError, share_seed, world
+from mlx_xglm.world import RankFailed, share_seed, world
 
 LAUNCH_NOTE = """
 Across processes or machines (rank 0 prints; every rank samples the same tokens):
@@ -46,17 +46,12 @@ def start_ranks():
 def refuse_launched(group, flag: str, value) -> None:
     """Refuse a flag that does not work across processes (every rank raises the same error)."""
     if group.size() > 1 and value:
-        raise AgreedError(f"{flag} does not work under mlx.launch yet; run one process for it")
+        raise RankFailed(f"{flag} does not work under mlx.launch yet; run one process for it")
 
 
 def launched_seed(args: argparse.Namespace, group) -> None:
     """Give every rank the same --seed: rank 0's random one when none was given."""
     args.seed = share_seed(args.seed, group)
-
-
-def is_quiet_rank() -> bool:
-    """True in a rank other than 0 of mlx.launch: it reports errors all ranks agreed on silently."""
-    return os.environ.get("MLX_RANK", "0") != "0"
 
 
 def finish_ranks(group) -> None:

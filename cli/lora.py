@@ -25,8 +25,8 @@ from mlx_xglm.tuning import (
     trainable_parameters,
 )
 from mlx_xglm.tuning.lora import resume_adapter
+from mlx_xglm.world import RankFailed, agree, world
 
-from .launch import finish_ranks, start_ranks
 from .options import DEFAULT_MODEL, help_formatter, load_model
 from .progress import TrainingDisplay
 
@@ -37,6 +37,10 @@ examples:
   mlx-xglm lora --model ./xglm-564M --train --data ./data --resume-adapter-file adapters
   mlx-xglm lora --model ./xglm-564M --test --data ./data --adapter-path adapters
   mlx-xglm lora -c lora.yaml
+  mlx.launch --backend ring -n 2 -- mlx-xglm lora --model ./xglm-564M --train --data ./data --batch-size 8
+
+Under mlx.launch the run is data parallel: --batch-size is the whole batch, split over the processes; the
+adapter equals one process's, and rank 0 alone prints and writes it.
 
 --data DIR holds train.jsonl and valid.jsonl (and test.jsonl for --test), one JSON object a line:
 {"text": "..."} or {"prompt": "...", "completion": "..."}. The adapter (adapter_config.json and
@@ -184,11 +188,52 @@ def _typed(file: Path, key: str, value):
 
 
 def run(args: argparse.Namespace) -> int:
-    return _run(settings_from(args))
+    group = world()
+    display = TrainingDisplay(quiet=group.rank() != 0)
+    try:
+        return _run(args, group, display)
+    except RankFailed:
+        if group.rank() != 0:
+            return 1  # rank 0 says what failed
+        raise
 
 
-def _run(s: argparse.Namespace) -> int:
-    args = TrainingArgs(
+def _run(args: argparse.Namespace, group, display: TrainingDisplay) -> int:
+    # Every step that can fail on one rank alone (files, flags) is agreed on before the first collective
+    # of the training, so a failure stops every rank instead of leaving the others waiting.
+    s, train_args, model, data, config = agree(lambda: _prepare(args, group, display), group)
+    if s.train:
+        display.note(_parameters_line(*trainable_parameters(model)))
+        if group.size() > 1:
+            display.note(
+                f"Data parallel over {group.size()} processes: {s.batch_size // group.size()} of the "
+                f"{s.batch_size} rows of each batch per process"
+            )
+        folder = Path(s.adapter_path)
+        try:
+            with display.training(s.iters):
+                train(
+                    model,
+                    data["train"],
+                    data["valid"],
+                    train_args,
+                    save=lambda it: save_adapter(model, folder, config),
+                    callback=lambda update: display.update(update, folder),
+                    group=group,
+                )
+        except KeyboardInterrupt:
+            display.note(f"Interrupted: the adapter of the last finished step is in {folder}")
+            return 130
+    if s.test:
+        loss = evaluate(model, data["test"], s.batch_size, s.test_batches, s.mask_prompt, group)
+        display.note(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 700)):.3f}.")
+    return 0
+
+
+def _prepare(args: argparse.Namespace, group, display: TrainingDisplay):
+    """The settings, training arguments, model (with its new LoRA layers), data and LoRA config."""
+    s = settings_from(args)
+    train_args = TrainingArgs(
         iters=s.iters,
         batch_size=s.batch_size,
         learning_rate=s.learning_rate,
@@ -200,16 +245,15 @@ def _run(s: argparse.Namespace) -> int:
         seed=s.seed,
         grad_checkpoint=s.grad_checkpoint,
     )
-    args.check()
+    train_args.check(group.size() if s.train else 1)
     if s.test_batches == 0 or s.test_batches < -1:
         raise XGLMError(f"--test-batches must be -1 (all) or 1 or more, got {s.test_batches}")
-    group = start_ranks()
-    display = TrainingDisplay()
     model, tokenizer, _ = load_model(
         s.model, s.revision, display.spinner, adapter_path=None if s.train else s.adapter_path
     )
     splits = (("train", "valid") if s.train else ()) + (("test",) if s.test else ())
     data = load_dataset(s.data, tokenizer, splits, s.mask_prompt, s.max_seq_length, s.newlines)
+    config = None
     if s.train:
         mx.random.seed(s.seed)
         config = lora_config(
@@ -218,27 +262,7 @@ def _run(s: argparse.Namespace) -> int:
         apply_lora(model, config)
         if s.resume_adapter_file:
             resume_adapter(model, read_adapter_weights(Path(s.resume_adapter_file)), s.resume_adapter_file)
-        display.note(_parameters_line(*trainable_parameters(model)))
-        folder = Path(s.adapter_path)
-        try:
-            with display.training(s.iters):
-                train(
-                    model,
-                    data["train"],
-                    data["valid"],
-                    args,
-                    save=lambda it: save_adapter(model, folder, config) if group.rank() == 0 else None,
-                    callback=lambda update: display.update(update, folder),
-                    group=group,
-                )
-            finish_ranks(group)
-        except KeyboardInterrupt:
-            display.note(f"Interrupted: the adapter of the last finished step is in {folder}")
-            return 130
-    if s.test:
-        loss = evaluate(model, data["test"], s.batch_size, s.test_batches, s.mask_prompt)
-        display.note(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 700)):.3f}.")
-    return 0
+    return s, train_args, model, data, config
 
 
 def _names(text: str) -> list[str]:

@@ -21,9 +21,7 @@ import traceback
 import warnings
 
 from mlx_xglm import XGLMError, __version__
-from mlx_xglm.distributed import AgreedError
-
-from .launch import is_quiet_rank
+from mlx_xglm.world import RankFailed, is_quiet_rank
 
 COMMANDS: list[str] = [
     "generate",
@@ -114,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except XGLMError as e:
-        if not (isinstance(e, AgreedError) and is_quiet_rank()):
+        if not (isinstance(e, RankFailed) and is_quiet_rank()):
             print(error_line(e, getattr(args, "flags", {})), file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
@@ -163,8 +161,8 @@ def _flushed(code: int) -> int:
 def entry() -> None:
     """The `mlx-xglm` script: run `main`, flush the output, and leave with `os._exit`.
 
-    A normal interpreter exit waits for the thread pool of a preloaded OpenBLAS (the README's recipe for
-    float32 speed on Linux), which can hang forever; by then every output is written and flushed.
+    A normal interpreter exit waits for the thread pool of a preloaded OpenBLAS (the recipe for float32
+    speed on Linux in docs/performance.md), which can hang forever; by then every output is written.
     """
     try:
         code = main()

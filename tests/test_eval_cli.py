@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from eval_tasks import LINES, eval_weights, write_tasks
-from launching import free_port_pair, launcher
+from launching import launch_prefix
 
 CLI = [sys.executable, "-m", "mlx_xglm.cli"]
 
@@ -36,16 +36,7 @@ def run(args, cwd, launch: int = 1, timeout: int = 600) -> subprocess.CompletedP
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     command = [*CLI, *map(str, args)]
     if launch > 1:
-        prefix = [
-            *launcher(),
-            "--backend",
-            "ring",
-            "-n",
-            str(launch),
-            "--starting-port",
-            str(free_port_pair()),
-        ]
-        command = [*prefix, "--", *command]
+        command = [*launch_prefix(launch), "--", *command]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 

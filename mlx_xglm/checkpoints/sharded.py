@@ -2,8 +2,9 @@
 
 The model is built unloaded; each layer is read, sharded and evaluated in turn (tensor parallel) or only
 this rank's layers are read (pipeline), and the vocabulary-sized tables are read row by row, so a rank's
-peak memory is about its share of the weights. The ranks compare what they opened before reading, and
-meet again when done, so an error on any rank stops every rank with one message instead of a hang.
+peak memory is about its share of the weights. Opening and reading are agreed on (`world.agree`) and the
+ranks compare a fingerprint of what they opened, so a failure or a different checkpoint on any rank stops
+every rank with one message instead of a hang.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..distributed import AgreedError, agree
 from ..errors import XGLMError
 from ..model.sharding import check_tensor_parallel, shard_layer, shard_vocab, stage
 from ..tokenization.tokenizer import XGLMTokenizer
+from ..world import agree, check_same
 from .adapters import apply_adapter
-from .loading import Checkpoint, load, open_checkpoint, read_tensor, resolve_model_path
+from .hub import resolve_model_path
+from .loading import Checkpoint, load, open_checkpoint, read_tensor
 from .slices import checkpoint_fingerprint, read_rows
 
 VOCAB_TABLES = ("model.embed_tokens.", "lm_head.")
@@ -36,19 +38,19 @@ def sharded_load(
     Every rank of the group must call it with the same checkpoint; returns `(model, tokenizer)` as `load`
     does, the model ready for `generate` on every rank. `revision` and `adapter_path` are those of `load`
     (an adapter needs the pipeline: fuse it into the model for tensor parallelism). Without a group this
-    is `load`. Raises XGLMError on every rank when any rank fails (the message names it).
+    is `load`. Raises on every rank when any rank fails (`world.agree`).
     """
     if tensor_group is not None and pipeline_group is not None:
         raise XGLMError("pass tensor_group or pipeline_group, not both", param="pipeline_group")
     group = tensor_group if tensor_group is not None else pipeline_group
     if group is None or group.size() == 1:
         return load(path_or_repo, revision=revision, adapter_path=adapter_path)
-    checkpoint, error, fingerprint = None, None, None
-    try:
+    tensor = tensor_group is not None
+
+    def open_and_check() -> tuple[Checkpoint, str]:
         model_path = resolve_model_path(path_or_repo, revision)
-        fingerprint = checkpoint_fingerprint(model_path)
         checkpoint = open_checkpoint(model_path)
-        if tensor_group is not None:
+        if tensor:
             check_tensor_parallel(checkpoint.model, group.size())
             if adapter_path is not None:
                 raise XGLMError(
@@ -57,25 +59,19 @@ def sharded_load(
                 )
         else:
             stage(len(checkpoint.model.layers), group.rank(), group.size())
-    except XGLMError as e:
-        error = e
-    fingerprints = agree(group, error, fingerprint)
-    if len(set(fingerprints)) > 1:
-        other = next(r for r, f in enumerate(fingerprints) if f != fingerprints[0])
-        raise AgreedError(
-            f"rank {other} opened a different checkpoint than rank 0 from {path_or_repo}; give every host "
-            "the same files"
-        )
-    error = None
-    try:
-        if tensor_group is not None:
+        return checkpoint, checkpoint_fingerprint(model_path)
+
+    checkpoint, fingerprint = agree(open_and_check, group)
+    check_same(fingerprint, f"checkpoint files in {path_or_repo}", group)
+
+    def read() -> XGLMTokenizer:
+        if tensor:
             read_tensor_parallel(checkpoint, group)
         else:
             read_pipeline(checkpoint, group, adapter_path)
-        tokenizer = XGLMTokenizer.from_pretrained(checkpoint.path)
-    except XGLMError as e:
-        error = e
-    agree(group, error)
+        return XGLMTokenizer.from_pretrained(checkpoint.path)
+
+    tokenizer = agree(read, group)
     checkpoint.model.eval()
     return checkpoint.model, tokenizer
 
@@ -83,9 +79,8 @@ def sharded_load(
 def read_tensor_parallel(checkpoint: Checkpoint, group) -> None:
     """Read, shard and evaluate one layer at a time, then this rank's rows of the vocabulary tables."""
     model, tensors = checkpoint.model, checkpoint.tensors
-    rest = [
-        (n, read_tensor(t)) for n, t in tensors.items() if not n.startswith(("model.layers.", *VOCAB_TABLES))
-    ]
+    outside = ("model.layers.", *VOCAB_TABLES)
+    rest = [(n, read_tensor(t)) for n, t in tensors.items() if not n.startswith(outside)]
     model.load_weights(rest, strict=False)
     # Not model.parameters(): the layers and tables not read yet hold random initial values.
     mx.eval([value for _, value in rest])

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from ..distributed import all_gather_json, is_main_process, world
-
-__all__ = ["all_gather_json", "is_main_process", "run_sharded", "world"]
+from ..world import all_gather_json, is_main_process, world
 
 T = TypeVar("T")
+
+__all__ = ["all_gather_json", "is_main_process", "run_sharded", "world"]
 
 
 def run_sharded(

@@ -15,7 +15,6 @@ import threading
 
 from ..decoding.engine import BatchGenerator
 from ..decoding.sample_utils import make_logits_processors
-from ..errors import XGLMError
 from .errors import APIError
 from .jobs import Failed, Job, Token, row_samplers
 from .scoring import prompt_logprobs, top_logprobs
@@ -177,7 +176,7 @@ class Engine:
         except Exception as e:
             log.exception("could not start a request")
             self._release(job.n)
-            job.post(Failed(APIError(400 if isinstance(e, ValueError | XGLMError) else 500, str(e))))
+            job.post(Failed(APIError(400 if isinstance(e, ValueError) else 500, str(e))))  # XGLMError too
             return
         job.uids = list(uids)
         for row, uid in enumerate(uids):

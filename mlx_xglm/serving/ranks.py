@@ -13,7 +13,7 @@ from dataclasses import asdict, replace
 import mlx.core as mx
 
 from ..decoding.rows import generation_stream
-from ..distributed import all_gather_json
+from ..world import all_gather_json
 from .engine import Engine
 from .jobs import Job, Sampling
 from .scoring import prompt_logprobs
