@@ -83,6 +83,50 @@ def test_an_adapter_under_tensor_parallelism_is_refused(lively_checkpoint, tmp_p
     assert "fuse it into the model first" in one_error_line(result)
 
 
+def test_pipeline_stages_are_contiguous_and_cover_every_layer_once():
+    from mlx_xglm.model.sharding import stage
+
+    for layers, size in ((2, 2), (5, 2), (7, 3), (24, 4)):
+        stages = [stage(layers, rank, size) for rank in range(size)]
+        assert sorted(i for s in stages for i in s) == list(range(layers))
+        assert stages[-1][0] == 0 and stages[0][-1] == layers - 1  # rank 0 runs the last layers
+        assert max(map(len, stages)) - min(map(len, stages)) <= 1
+
+
+def bin_copy(checkpoint: Path, folder: Path) -> Path:
+    """`checkpoint` as a float16 `pytorch_model.bin` folder, as the released checkpoints are."""
+    import shutil
+
+    import torch
+    from safetensors.numpy import load_file
+
+    shutil.copytree(checkpoint, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    state = {k: torch.from_numpy(v).half() for k, v in load_file(checkpoint / "model.safetensors").items()}
+    torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+def test_rows_of_a_table_read_alone_equal_the_whole_tables_rows(lively_checkpoint, tmp_path):
+    from mlx_xglm.checkpoints import open_checkpoint
+    from mlx_xglm.checkpoints.loading import read_tensor
+    from mlx_xglm.checkpoints.slices import read_rows
+
+    for folder in (lively_checkpoint, bin_copy(lively_checkpoint, tmp_path / "bin")):
+        checkpoint = open_checkpoint(folder)
+        name = "model.embed_tokens.weight"
+        whole = np.array(read_tensor(checkpoint.tensors[name]))
+        rows = read_rows(checkpoint, name, 504, 1008)
+        assert rows.dtype == checkpoint.tensors[name].dtype
+        np.testing.assert_array_equal(np.array(rows), whole[504:])
+
+
+def test_a_float16_bin_checkpoint_generates_on_two_ranks_as_on_one(lively_checkpoint, tmp_path):
+    folder = bin_copy(lively_checkpoint, tmp_path / "bin")
+    one, two = generate(folder), generate(folder, ranks=2)
+    assert one.returncode == two.returncode == 0 and "exited with code" not in two.stderr, two.stderr
+    assert json.loads(two.stdout)["tokens"] == json.loads(one.stdout)["tokens"]
+
+
 @pytest.fixture(scope="module")
 def wide_checkpoint(tmp_path_factory, sp_model):
     """XGLM-564M's widths (d_model 1024, 16 heads, ffn 4096, vocabulary 256,008) with 2 layers."""
