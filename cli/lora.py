@@ -14,6 +14,8 @@ import mlx.core as mx
 
 from mlx_xglm import XGLMError
 from mlx_xglm.checkpoints.adapters import TARGETS, read_adapter_weights
+from mlx_xglm.evaluation.perplexity import exp_nll
+from mlx_xglm.outputs import check_writable
 from mlx_xglm.tuning import (
     TrainingArgs,
     apply_lora,
@@ -24,7 +26,7 @@ from mlx_xglm.tuning import (
     train,
     trainable_parameters,
 )
-from mlx_xglm.tuning.lora import resume_adapter
+from mlx_xglm.tuning.lora import check_lora_options, resume_adapter
 from mlx_xglm.world import RankFailed, agree, world
 
 from .options import DEFAULT_MODEL, help_formatter, load_model
@@ -153,22 +155,49 @@ def settings_from(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**merged)
 
 
+# A settings file is a few lines; a bigger one is a mistake (or an attack), and so are YAML aliases,
+# which can make a small file expand to gigabytes ("billion laughs").
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _load_yaml(text: str):
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(
+                    f"line {mark.line + 1}: aliases (*name) are not allowed in a settings file"
+                )
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliases)  # noqa: S506 (a SafeLoader)
+
+
 def _read_yaml(file: Path) -> dict:
     import yaml
 
     try:
-        config = yaml.safe_load(file.read_text(encoding="utf-8"))
+        if file.stat().st_size > MAX_CONFIG_BYTES:
+            raise XGLMError(f"-c {file} is over {MAX_CONFIG_BYTES >> 20} MB; a settings file is a few lines")
+        config = _load_yaml(file.read_text(encoding="utf-8"))
     except OSError as e:
         raise XGLMError(f"cannot read -c {file}: {e.strerror}") from None
     except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise XGLMError(f"-c {file} is not a YAML file: {e}".replace("\n", " ")) from None
-    config = config or {}
+        reason = " ".join(str(e).split())
+        reason = reason if len(reason) <= 200 else reason[:200] + "..."
+        raise XGLMError(f"-c {file} is not a valid YAML settings file: {reason}") from None
+    config = {} if config is None else config
     if not isinstance(config, dict):
-        raise XGLMError(f"-c {file} must hold a mapping of settings")
+        raise XGLMError(
+            f"-c {file} must hold a mapping of settings (name: value lines), got a {type(config).__name__}"
+        )
     config = {str(k).replace("-", "_"): v for k, v in config.items()}
     unknown = sorted(set(config) - set(DEFAULTS))
     if unknown:
-        raise XGLMError(f"-c {file}: unknown setting {unknown[0]}; the settings are the flag names of lora")
+        name = unknown[0] if len(unknown[0]) <= 60 else unknown[0][:60] + "..."
+        raise XGLMError(f"-c {file}: unknown setting {name}; the settings are the flag names of lora")
     return {key: _typed(file, key, value) for key, value in config.items()}
 
 
@@ -181,10 +210,20 @@ def _typed(file: Path, key: str, value):
         if not isinstance(value, bool):
             raise XGLMError(f"-c {file}: {key} must be true or false, got {value!r}")
         return value
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."
     try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise XGLMError(f"-c {file}: {key} must be a number, got {value!r}") from None
+        if isinstance(value, (list, dict, bool)):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise XGLMError(f"-c {file}: {key} must be a number, got {shown}") from None
+    if not math.isfinite(number):
+        raise XGLMError(f"-c {file}: {key} must be a finite number, got {shown}")
+    if kind is int:
+        if number != int(number):
+            raise XGLMError(f"-c {file}: {key} must be a whole number, got {shown}")
+        return int(number)
+    return number
 
 
 def run(args: argparse.Namespace) -> int:
@@ -226,7 +265,7 @@ def _run(args: argparse.Namespace, group, display: TrainingDisplay) -> int:
             return 130
     if s.test:
         loss = evaluate(model, data["test"], s.batch_size, s.test_batches, s.mask_prompt, group)
-        display.note(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 700)):.3f}.")
+        display.note(f"Test loss {loss:.3f}, Test ppl {exp_nll(loss, 1):.3f}.")
     return 0
 
 
@@ -248,6 +287,11 @@ def _prepare(args: argparse.Namespace, group, display: TrainingDisplay):
     train_args.check(group.size() if s.train else 1)
     if s.test_batches == 0 or s.test_batches < -1:
         raise XGLMError(f"--test-batches must be -1 (all) or 1 or more, got {s.test_batches}")
+    if s.train:
+        # Everything that would fail after training, checked before it (and before the model loads).
+        check_lora_options(s.rank, s.alpha, s.dropout)
+        if group.rank() == 0:
+            check_writable(s.adapter_path, "adapter_path", folder=True)
     model, tokenizer, _ = load_model(
         s.model, s.revision, display.spinner, adapter_path=None if s.train else s.adapter_path
     )
@@ -262,6 +306,10 @@ def _prepare(args: argparse.Namespace, group, display: TrainingDisplay):
         apply_lora(model, config)
         if s.resume_adapter_file:
             resume_adapter(model, read_adapter_weights(Path(s.resume_adapter_file)), s.resume_adapter_file)
+        if group.rank() == 0:
+            # float32 arrays, and room for the new file beside the old one while it is replaced.
+            need = 2 * 4 * trainable_parameters(model)[0] + (1 << 20)
+            check_writable(s.adapter_path, "adapter_path", folder=True, need_bytes=need)
     return s, train_args, model, data, config
 
 

@@ -104,8 +104,8 @@ FAILURES = {
     "adapter path unwritable on rank 0": (
         lambda tmp: ["--adapter-path", tmp / "a-file" / "adapters"],
         lambda tmp: [],
-        r"error: cannot write \S*a-file/adapters/adapter_config.json: Not a directory; nothing was written "
-        "there",
+        # Found before the model loads, not after training.
+        r"error: cannot write \S*a-file/adapters: \S*a-file is not a folder",
     ),
 }
 

@@ -14,6 +14,7 @@ whole batch (model/dropout.py), so with the same seed the adapter equals one pro
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ..errors import XGLMError
 from ..model.dropout import batch_rows
@@ -56,8 +58,13 @@ class TrainingArgs:
             raise XGLMError(
                 f"val_batches must be -1 (all) or 0 or more, got {self.val_batches}", param="val_batches"
             )
-        if not self.learning_rate > 0:
-            raise XGLMError(f"learning_rate must be above 0, got {self.learning_rate}", param="learning_rate")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise XGLMError(
+                f"learning_rate must be a finite number above 0, got {self.learning_rate}",
+                param="learning_rate",
+            )
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
+            raise XGLMError(f"seed must be a whole number from 0 to 2**32 - 1, got {self.seed}", param="seed")
         if self.batch_size % processes:
             raise XGLMError(
                 f"batch_size {self.batch_size} does not split evenly over {processes} processes; use a "
@@ -142,7 +149,8 @@ def train(
     Validation runs before the first step, every `steps_per_eval` steps and after the last; `save(it)`
     is called every `save_every` steps and after the last, and also when Ctrl-C stops the run (with the
     last finished step; the KeyboardInterrupt is then raised again). Batches are drawn from `train_set`
-    in a shuffled order seeded by `args.seed`.
+    in a shuffled order seeded by `args.seed`. An adapter that is no longer finite after a step (a NaN or
+    infinite loss: a learning rate too high) stops training with an XGLMError before it is saved.
 
     `group` (an `mx.distributed` group; default: the launcher's, one process when not launched) makes
     the run data parallel: `args.batch_size` is the whole batch, split over the ranks, and every rank
@@ -221,8 +229,16 @@ def _run_step(model, step, optimizer, batch, it: int, args, meter: _Meter, callb
     tokens = scored_tokens(batch[1])
     (loss, _), grads = step(model, (first, batch[0].shape[0], ids, labels, tokens), group.size())
     optimizer.update(model, nn.average_gradients(grads, group=group))
-    mx.eval(model.parameters(), optimizer.state, loss, tokens)
+    # The averaged update leaves every rank with the same adapter: all of them stop at the same step.
+    finite = mx.stack([mx.isfinite(v).all() for _, v in tree_flatten(model.trainable_parameters())]).all()
+    mx.eval(model.parameters(), optimizer.state, loss, tokens, finite)
     meter.seconds += time.perf_counter() - start
+    if not finite.item():
+        raise XGLMError(
+            f"training went non-finite at step {it} (loss {loss.item()}); it stopped, and this step's "
+            "adapter was not saved (lower the learning rate, or check the data)",
+            param="learning_rate",
+        )
     meter.loss += loss.item()
     meter.tokens += tokens.item()
     meter.steps += 1
