@@ -8,6 +8,7 @@ import os
 from mlx_xglm import XGLMError
 from mlx_xglm.tokenization.prompt import DEFAULT_TEMPLATE, split_template
 
+from .launch import refuse_launched, start_ranks, stop_with_launcher
 from .options import (
     add_adapter_arg,
     add_draft_args,
@@ -137,7 +138,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from mlx_xglm.serving import serve
+        from mlx_xglm.serving import follow, serve
     except ImportError as e:
         raise XGLMError(
             f"mlx-xglm server needs the [server] extra ({e.name} is missing): pip install 'mlx-xglm[server]'"
@@ -146,8 +147,16 @@ def run(args: argparse.Namespace) -> int:
     engine_args = {"max_batch": args.max_batch, "max_queue": args.max_queue, "max_kv_size": args.max_kv_size}
     engine_args.update(kv_cache_from(args))
     split_template(template)  # before the model loads
+    group = start_ranks()
+    refuse_launched(group, "--draft-model", args.draft_model)
+    refuse_launched(group, "--prompt-lookup-tokens", args.prompt_lookup_tokens)
     spinner = Renderer().spinner
-    model, tokenizer, _ = load_model(args.model, args.revision, spinner, args.adapter_path)
+    model, tokenizer, _ = load_model(args.model, args.revision, spinner, args.adapter_path, group)
+    if group.rank() != 0:
+        follow(model, tokenizer, group, engine_args)
+        return 0
+    if group.size() > 1:
+        stop_with_launcher()
     engine_args.update(load_draft(args, model, tokenizer, spinner))
     serve(
         model,
@@ -163,5 +172,6 @@ def run(args: argparse.Namespace) -> int:
         chat_template=template,
         max_model_len=args.max_model_len,
         allowed_origins=args.allowed_origins,
+        group=group,
     )
     return 0
