@@ -6,7 +6,9 @@ table is the copying regime (a copy-heavy task at best), timed end to end agains
 tokens of both checked to be the same, trials alternating in one process. Where lookups are wrong or find
 nothing, the cost is that of one pass over the pending token and the k proposals: the second table gives
 that pass's time against one decoding step, which with the acceptance rate gives the gain on any text
-(no match: no proposals, a plain step). Appends markdown tables to --output.
+(no match: no proposals, a plain step). `--text no-copy` times the other extreme: both sides decode with a
+logits processor that forbids every token that followed an earlier occurrence of the last token, so the
+text never repeats itself and each lookup's proposals are rejected. Appends markdown tables to --output.
 
     LD_PRELOAD=$VIRTUAL_ENV/lib/libmkl_rt.so.3 python benchmarks/prompt_lookup.py --preset 564M --layers 4
 
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from compare import append_table
 
 from mlx_xglm import generate_step, make_prompt_cache
@@ -38,6 +41,16 @@ def timed(steps) -> tuple[float, list[int], int]:
     out += list(steps)
     seconds = time.perf_counter() - start
     return (len(out) - 1) / seconds, [o[0] for o in out], sum(bool(o[2:] and o[2]) for o in out)
+
+
+def never_copy(history: mx.array, logits: mx.array) -> mx.array:
+    """A logits processor forbidding each token that followed an earlier occurrence of the last token."""
+    tokens = np.array(history)
+    followers = tokens[1:][tokens[:-1] == tokens[-1]]
+    if not followers.size:
+        return logits
+    banned = mx.zeros(logits.shape[-1], mx.bool_).at[mx.array(followers)].add(True)
+    return mx.where(banned, -mx.inf, logits)
 
 
 def pass_costs(model, prompt: mx.array, most: int, trials: int) -> dict[int, float]:
@@ -66,20 +79,29 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64, help="a random text, given twice")
     parser.add_argument("--gen-tokens", type=int, default=48)
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument(
+        "--text", choices=["copy", "no-copy"], default="copy", help="no-copy: proposals are always rejected"
+    )
     parser.add_argument("--output", type=Path, default=Path("benchmarks/RESULTS.md"))
     args = parser.parse_args()
 
     model = random_model(args.preset, args.layers)
     text = mx.random.randint(4, model.config.vocab_size, (args.prompt_tokens,), key=mx.random.key(0))
     prompt = mx.concatenate([mx.array([2]), text, text])
+    processors = [never_copy] if args.text == "no-copy" else None
     rows = []
     for num_tokens in args.num_tokens:
         plain_tps, lookup_tps, same, from_lookup = [], [], True, 0
         for trial in range(args.trials):
-            tps, plain_tokens, _ = timed(generate_step(prompt, model, max_tokens=args.gen_tokens))
+            steps = generate_step(prompt, model, max_tokens=args.gen_tokens, logits_processors=processors)
+            tps, plain_tokens, _ = timed(steps)
             plain_tps.append(tps)
             steps = prompt_lookup_generate_step(
-                prompt, model, max_tokens=args.gen_tokens, prompt_lookup_num_tokens=num_tokens
+                prompt,
+                model,
+                max_tokens=args.gen_tokens,
+                prompt_lookup_num_tokens=num_tokens,
+                logits_processors=processors,
             )
             tps, tokens, from_lookup = timed(steps)
             lookup_tps.append(tps)
@@ -98,7 +120,9 @@ def main() -> None:
         args.output,
         [
             f"Prompt-lookup decoding (max_matching_ngram_size 2), {args.preset} shapes with {args.layers} "
-            "layers, float32 random weights; a "
+            "layers, float32 random weights; "
+            + ("text that copies its prompt" if args.text == "copy" else "text that never copies")
+            + "; a "
             f"{args.prompt_tokens}-token random text given twice as the prompt, {args.gen_tokens} greedy "
             f"tokens, decode tok/s after the first token, median of {args.trials} alternating trials in one "
             f"process; {platform.machine()} {platform.system()}, MLX {mx.__version__} on "

@@ -11,7 +11,8 @@ import pytest
 from xglm_fixtures import build_checkpoint, hub_config, random_weights
 
 from mlx_xglm import XGLMError, generate_step, load, make_logits_processors, make_prompt_cache, make_sampler
-from mlx_xglm.decoding.prompt_lookup import lookup_candidates, prompt_lookup_generate_step
+from mlx_xglm.decoding.prompt_lookup import PromptLookup, lookup_candidates, prompt_lookup_generate_step
+from mlx_xglm.decoding.sample_utils import greedy
 from mlx_xglm.decoding.speculative import accept_draft
 
 # A prompt that repeats itself, so lookups find continuations.
@@ -56,6 +57,24 @@ def lookup(model, prompt, max_tokens, **kwargs):
 )
 def test_lookup_follows_transformers_rule(tokens, num, ngram, expected):
     assert lookup_candidates(np.array(tokens), num, ngram).tolist() == expected
+
+
+def test_proposals_grow_while_kept_and_pause_when_rejected():
+    """2 tokens at first, doubling while all are kept (up to num_tokens), halving when some are not, and
+    after a round that kept none, lookups pause for 1, then 2 rounds."""
+    text = mx.array(list(range(4, 40)) * 2)  # every lookup finds the rest of the text
+    drafter = PromptLookup(text, 6, 2, greedy, 1000)
+
+    def round_(accepted):
+        proposals = drafter.propose(10, None)[0].tolist()
+        token = 3  # never in the text: the lookups start over after each round
+        drafter.update(proposals, min(accepted, len(proposals)), token)
+        drafter.tokens = np.concatenate([drafter.tokens[:-1], np.array(text[-2:])])
+        return len(proposals)
+
+    assert [round_(99), round_(99), round_(99), round_(2), round_(0)] == [2, 4, 6, 6, 3]
+    assert [round_(0), round_(0), round_(0), round_(0)] == [0, 1, 0, 0]
+    assert round_(0) == 1
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 10])

@@ -63,12 +63,36 @@ class _Request:
     processors: list[LogitsProcessor] | None
 
 
-def _per_row(value, n: int, name: str) -> list:
+def per_row(value, n: int, name: str) -> list:
+    """`value` for each of `n` prompts: a list or tuple gives one per prompt (else XGLMError naming `name`),
+    anything else is every prompt's."""
     if value is None or not isinstance(value, list | tuple):
         return [value] * n
     if len(value) != n:
         raise XGLMError(f"{name} has {len(value)} entries for {n} prompts; give one per prompt", param=name)
     return list(value)
+
+
+def row_settings(model, prompts, max_tokens, samplers, logits_processors, default_max_tokens: int):
+    """Check `prompts` for an `insert` and give each its `(max_tokens, sampler, logits_processors)`.
+
+    Prompts are non-empty lists of token ids in the model's vocabulary. Each setting is one value for all
+    prompts or a list with one per prompt; a None `max_tokens` is `default_max_tokens`, a None sampler the
+    generator's own; `logits_processors` is one list of processors or a list of such lists.
+    """
+    n = len(prompts)
+    if any(not isinstance(p, list | tuple) or not p for p in prompts):
+        raise XGLMError("prompts must each be a non-empty list of token ids", param="prompts")
+    check_token_ids(prompts, model.config.vocab_size, "prompts")
+    limits = [default_max_tokens if m is None else m for m in per_row(max_tokens, n, "max_tokens")]
+    for limit in limits:
+        if limit < 1:
+            raise XGLMError(f"max_tokens must be >= 1, got {limit}", param="max_tokens")
+    if not logits_processors or callable(logits_processors[0]):
+        processors = [logits_processors or None] * n
+    else:
+        processors = [p or None for p in per_row(list(logits_processors), n, "logits_processors")]
+    return list(zip(limits, per_row(samplers, n, "samplers"), processors, strict=True))
 
 
 class BatchGenerator:
@@ -138,24 +162,10 @@ class BatchGenerator:
         `caches` holds one prompt cache (or None) per prompt to continue from; it is read, not changed,
         must have the generator's `max_kv_size`, and its row is prefilled on its own.
         """
-        n = len(prompts)
-        if any(not isinstance(p, list | tuple) or not p for p in prompts):
-            raise XGLMError("prompts must each be a non-empty list of token ids", param="prompts")
-        check_token_ids(prompts, self.model.config.vocab_size, "prompts")
-        max_tokens = _per_row(max_tokens, n, "max_tokens")
-        samplers = _per_row(samplers, n, "samplers")
-        caches = [None] * n if caches is None else _per_row(list(caches), n, "caches")
-        if not logits_processors or callable(logits_processors[0]):
-            processors = [logits_processors or None] * n
-        else:
-            processors = _per_row(list(logits_processors), n, "logits_processors")
+        settings = row_settings(self.model, prompts, max_tokens, samplers, logits_processors, self.max_tokens)
+        caches = [None] * len(prompts) if caches is None else per_row(list(caches), len(prompts), "caches")
         uids = []
-        for prompt, limit, cache, sampler, procs in zip(
-            prompts, max_tokens, caches, samplers, processors, strict=True
-        ):
-            limit = self.max_tokens if limit is None else limit
-            if limit < 1:
-                raise XGLMError(f"max_tokens must be >= 1, got {limit}", param="max_tokens")
+        for prompt, (limit, sampler, procs), cache in zip(prompts, settings, caches, strict=True):
             if cache is not None:
                 check_prompt_cache(self.model, cache)
                 if getattr(cache[0], "max_size", None) != self.max_kv_size:

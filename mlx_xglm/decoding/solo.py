@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..errors import XGLMError
-from ..model.token_ids import check_token_ids
-from .engine import BatchStats, Response, _per_row
+from .engine import BatchStats, Response, row_settings
 from .prompt_lookup import prompt_lookup_generate_step
 from .sample_utils import Sampler, greedy
 from .speculative import check_draft_model, speculative_generate_step
@@ -37,13 +36,14 @@ class SoloGenerator:
     def __init__(
         self,
         model,
+        *,
+        draft_model=None,
+        num_draft_tokens: int = 3,
+        prompt_lookup_num_tokens: int | None = None,
         max_tokens: int = 256,
         stop_tokens=None,
         sampler: Sampler | None = None,
         prefill_step_size: int = 512,
-        draft_model=None,
-        num_draft_tokens: int = 3,
-        prompt_lookup_num_tokens: int | None = None,
         **cache_args,
     ):
         if (draft_model is None) == (prompt_lookup_num_tokens is None):
@@ -84,24 +84,12 @@ class SoloGenerator:
         self, prompts, max_tokens=None, caches=None, samplers=None, logits_processors=None
     ) -> list[int]:
         """Queue `prompts` (lists of token ids) as `BatchGenerator.insert` does; prompt caches are refused."""
-        n = len(prompts)
         if caches is not None and any(c is not None for c in caches):
             raise XGLMError("rows decoded one at a time start without a prompt cache", param="caches")
-        if any(not isinstance(p, list | tuple) or not p for p in prompts):
-            raise XGLMError("prompts must each be a non-empty list of token ids", param="prompts")
-        check_token_ids(prompts, self.model.config.vocab_size, "prompts")
-        limits = _per_row(max_tokens, n, "max_tokens")
-        samplers = _per_row(samplers, n, "samplers")
-        if not logits_processors or callable(logits_processors[0]):
-            processors = [logits_processors or None] * n
-        else:
-            processors = _per_row(list(logits_processors), n, "logits_processors")
+        settings = row_settings(self.model, prompts, max_tokens, samplers, logits_processors, self.max_tokens)
         uids = []
-        for prompt, limit, sampler, procs in zip(prompts, limits, samplers, processors, strict=True):
-            limit = self.max_tokens if limit is None else limit
-            if limit < 1:
-                raise XGLMError(f"max_tokens must be >= 1, got {limit}", param="max_tokens")
-            steps = self._steps(list(prompt), limit, sampler or self.sampler, procs or None)
+        for prompt, (limit, sampler, procs) in zip(prompts, settings, strict=True):
+            steps = self._steps(list(prompt), limit, sampler or self.sampler, procs)
             self._rows[self._next_uid] = _Row(steps, limit)
             self._stats.prompt_tokens += len(prompt)
             uids.append(self._next_uid)

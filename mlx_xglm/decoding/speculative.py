@@ -1,23 +1,27 @@
-"""Speculative decoding: a small draft model proposes tokens, the target model checks them in one pass.
+"""Speculative decoding: a drafter proposes tokens, the target model checks them in one pass.
 
-Each round the draft proposes `num_draft_tokens` tokens one at a time; the target reads the pending token
-and all proposals at once, which costs about one decoding step when decoding is bound by reading weights
-or by the host's work per step. Tokens are accepted by the rule of Leviathan et al. and Chen et al. (2023):
-proposal x with probability min(1, p(x) / q(x)), where p and q are the target's and the draft's sampling
-distributions; at the first rejection a token is drawn from max(p - q, 0), renormalised; when every
-proposal is accepted, one more token comes from the target's last row. The output then follows the
-target's distribution exactly; with greedy sampling it is the target's own greedy output.
+The drafter is a small draft model with its own cache (`DraftModel`, here) or n-gram lookup in the prompt
+and the text so far (`PromptLookup`, prompt_lookup.py); `speculate` runs the rounds for both. Each round
+the drafter proposes up to k tokens; the target reads the pending token and all proposals at once, which
+costs about one decoding step when decoding is bound by reading weights or by the host's work per step.
+Tokens are accepted by the rule of Leviathan et al. and Chen et al. (2023): proposal x with probability
+min(1, p(x) / q(x)), where p and q are the target's and the draft's sampling distributions; at the first
+rejection a token is drawn from max(p - q, 0), renormalised; when every proposal is accepted, one more
+token comes from the target's last row. The output then follows the target's distribution exactly; with
+greedy sampling it is the target's own greedy output.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator
+from typing import Protocol
 
 import mlx.core as mx
 
 from ..errors import XGLMError
 from ..model.cache import RotatingKVCache
-from .cache import check_prompt_cache, make_prompt_cache
+from ..model.token_ids import check_token_ids
+from .cache import check_prompt_cache, make_prompt_cache, maybe_quantize_kv_cache
 from .rows import CLEAR_CACHE_EVERY, generation_stream, prefill_chunks, row_logprobs
 from .sample_utils import LogitsProcessor, Sampler, greedy
 
@@ -75,11 +79,6 @@ def _split_cache(model, draft_model, prompt_cache: list | None) -> tuple[list, l
     return model_cache, draft_cache
 
 
-def _trim(cache: list, n: int) -> None:
-    for layer in cache:
-        layer.trim(n)
-
-
 def accept_draft(
     logprobs: mx.array, draft_tokens: mx.array, draft_dist: mx.array | None, sampler: Sampler
 ) -> tuple[mx.array, mx.array]:
@@ -107,6 +106,163 @@ def accept_draft(
     return n, choice[n]
 
 
+class Drafter(Protocol):
+    """What proposes tokens to `speculate`; it follows the tokens handed out through `update`."""
+
+    def start(self, prompt: mx.array, step_size: int, read_all: bool) -> None:
+        """Read `prompt` as the model does (chunks of `step_size`), all of it when `read_all`."""
+
+    def propose(self, k: int, history: mx.array | None) -> tuple[mx.array, mx.array | None]:
+        """Up to `k` tokens [k'] to check and, unless sampling is greedy, the log-distribution [k', vocab]
+        each was drawn from; `history` is what logits processors see (None without processors)."""
+
+    def update(self, proposals: list[int], accepted: int, token: int) -> None:
+        """The first `accepted` proposals were kept and `token` followed them."""
+
+    def settle(self, keep: int) -> int:
+        """Hold at most `keep` positions of the text; return how many it holds."""
+
+
+def check_speculation(prompt: mx.array, model, sampler: Sampler, prefill_step_size: int, what: str) -> None:
+    """Raise XGLMError for a prompt, prefill size or sampler `speculate` cannot use (`what`: the method's
+    name in messages)."""
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise XGLMError(
+            f"prompt must be a non-empty 1-D array of token ids, got shape {prompt.shape}", param="prompt"
+        )
+    check_token_ids(prompt, model.config.vocab_size, "prompt")
+    if prefill_step_size < 1:
+        raise XGLMError(f"prefill_step_size must be >= 1, got {prefill_step_size}", param="prefill_step_size")
+    if sampler is not greedy and not hasattr(sampler, "distribution"):
+        raise XGLMError(
+            f"{what} needs to know the distribution a sampler draws from: use make_sampler, "
+            "or give the sampler a distribution(logprobs) method returning its log-probabilities",
+            param="sampler",
+        )
+
+
+def speculate(
+    prompt: mx.array,
+    model,
+    cache: list,
+    drafter: Drafter,
+    *,
+    num_tokens: int,
+    max_tokens: int,
+    sampler: Sampler,
+    logits_processors: list[LogitsProcessor] | None,
+    prefill_step_size: int,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+) -> Generator[tuple[int, mx.array, bool], None, None]:
+    """The rounds of speculative decoding: `drafter` proposes up to `num_tokens` tokens, `model` reads the
+    pending token and the proposals in one pass into `cache`, `accept_draft` keeps a prefix of them, and
+    what the cache read past it is trimmed. Yields `(token, logprobs, from_draft)` as `generate_step` does;
+    when it ends or is closed, `cache` holds no token past the last one handed out but one. Arguments are
+    checked by the callers (`check_speculation`)."""
+    start, prompt_size = cache[0].offset, prompt.size
+    history = prompt  # the tokens logits processors see: the prompt and every token handed out
+
+    def verify(pending: mx.array, proposals: mx.array) -> mx.array:
+        k = proposals.size
+        logits = model(mx.concatenate([pending, proposals])[None], cache=cache, logits_to_keep=k + 1)[0]
+        # Row i of the logits follows the first i proposals.
+        seen = [mx.concatenate([history, proposals[:i]]) for i in range(k + 1)] if logits_processors else None
+        return row_logprobs(logits, [logits_processors] * (k + 1), seen or [None] * (k + 1))
+
+    with mx.stream(generation_stream()):
+        # The prompt's last chunk is read with the first round's proposals.
+        pending = prefill_chunks(model, prompt[None], cache, prefill_step_size)[0]
+        drafter.start(prompt, prefill_step_size, read_all=max_tokens == 0)
+        if max_tokens == 0:
+            model(pending[None], cache=cache, logits_to_keep=1)
+            maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
+            mx.eval([c.state for c in cache])
+            return
+
+    produced = 0
+    try:
+        while produced < max_tokens:
+            k = min(num_tokens, max_tokens - produced - 1)
+            maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
+            with mx.stream(generation_stream()):
+                proposals, dist = drafter.propose(k, history if logits_processors else None)
+                logprobs = verify(pending, proposals)
+                n, token = accept_draft(logprobs, proposals, dist, sampler)
+            mx.eval(n, token, proposals)
+            n, token, proposals = n.item(), token.item(), proposals.tolist()
+            for layer in cache:
+                layer.trim(len(proposals) - n)
+            drafter.update(proposals, n, token)
+            new = proposals[:n] + [token]
+            if logits_processors:
+                history = mx.concatenate([history, mx.array(new, history.dtype)])
+            pending = mx.array([token], prompt.dtype)
+            for i, t in enumerate(new):
+                produced += 1
+                yield t, logprobs[i], i < n
+            if produced % CLEAR_CACHE_EVERY < len(new):
+                mx.clear_cache()
+    finally:
+        # Leave the model and the drafter holding the same tokens, none past the last one handed out.
+        keep = cache[0].offset
+        if produced:
+            keep = min(keep, start + prompt_size + produced - 1)
+        keep = drafter.settle(keep)
+        for layer in cache:
+            layer.trim(layer.offset - keep)
+
+
+class DraftModel:
+    """A `Drafter` that is a small model with its own cache, drawing its proposals one at a time with the
+    target's sampler and logits processors."""
+
+    def __init__(self, model, cache: list, sampler: Sampler, logits_processors: list[LogitsProcessor] | None):
+        self.model, self.cache = model, cache
+        self.sampler, self.processors = sampler, logits_processors
+        self.pending = None  # the tokens it has not read yet
+
+    def start(self, prompt: mx.array, step_size: int, read_all: bool) -> None:
+        self.pending = prefill_chunks(self.model, prompt[None], self.cache, step_size)[0]
+        if read_all:
+            self.model(self.pending[None], cache=self.cache, logits_to_keep=1)
+            mx.eval([c.state for c in self.cache])
+
+    def propose(self, k: int, history: mx.array | None) -> tuple[mx.array, mx.array | None]:
+        if k == 0:
+            return mx.array([], mx.int32), None
+        inputs, tokens, dists = self.pending, [], []
+        for _ in range(k):
+            logits = self.model(inputs[None], cache=self.cache, logits_to_keep=1)[:, -1, :]
+            seen = None if history is None else mx.concatenate([history, *tokens])
+            logprobs = row_logprobs(logits, [self.processors], [seen])
+            if self.sampler is greedy:
+                inputs = greedy(logprobs)
+            else:
+                dists.append(self.sampler.distribution(logprobs))
+                inputs = mx.random.categorical(dists[-1], axis=-1)
+            mx.async_eval(inputs)
+            tokens.append(inputs)
+        return mx.concatenate(tokens), mx.concatenate(dists) if dists else None
+
+    def update(self, proposals: list[int], accepted: int, token: int) -> None:
+        k, dtype = len(proposals), self.pending.dtype
+        if k == 0:
+            self.pending = mx.concatenate([self.pending, mx.array([token], dtype)])
+            return
+        # It read every proposal but its last: take back those rejected.
+        for layer in self.cache:
+            layer.trim(max(k - 1 - accepted, 0))
+        self.pending = mx.array(proposals[k - 1 :] + [token] if accepted == k else [token], dtype)
+
+    def settle(self, keep: int) -> int:
+        keep = min(keep, self.cache[0].offset)
+        for layer in self.cache:
+            layer.trim(layer.offset - keep)
+        return keep
+
+
 def speculative_generate_step(
     prompt: mx.array,
     model,
@@ -129,92 +285,23 @@ def speculative_generate_step(
     trimmed from both parts, so rotating caches are refused. When the generator ends or is closed, both
     parts hold the same tokens: the prompt and the tokens handed out, except the last one or two.
     """
-    if prompt.ndim != 1 or prompt.size == 0:
-        raise ValueError(f"prompt must be a non-empty 1-D array of token ids, got shape {prompt.shape}")
-    if prefill_step_size < 1:
-        raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
+    sampler = sampler or greedy
+    check_speculation(prompt, model, sampler, prefill_step_size, "speculative decoding")
     if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 1):
         raise XGLMError(
             f"num_draft_tokens must be 1 or more, got {num_draft_tokens}", param="num_draft_tokens"
         )
-    sampler = sampler or greedy
-    if sampler is not greedy and not hasattr(sampler, "distribution"):
-        raise XGLMError(
-            "speculative decoding needs to know the distribution a sampler draws from: use make_sampler, "
-            "or give the sampler a distribution(logprobs) method returning its log-probabilities",
-            param="sampler",
-        )
     check_draft_model(model, draft_model)
     model_cache, draft_cache = _split_cache(model, draft_model, prompt_cache)
-    start, prompt_size = model_cache[0].offset, prompt.size
-    history = prompt  # the tokens logits processors see: the prompt and every accepted token
-
-    def seen(*proposals: mx.array) -> mx.array | None:
-        # What the processors see at the row after `proposals`: the history, then those proposals.
-        return mx.concatenate([history, *proposals]) if logits_processors else None
-
-    def draft(inputs: mx.array, k: int) -> tuple[mx.array, mx.array | None]:
-        tokens, dists = [], []
-        for _ in range(k):
-            logits = draft_model(inputs[None], cache=draft_cache, logits_to_keep=1)[:, -1, :]
-            logprobs = row_logprobs(logits, [logits_processors], [seen(*tokens)])
-            if sampler is greedy:
-                inputs = greedy(logprobs)
-            else:
-                dists.append(sampler.distribution(logprobs))
-                inputs = mx.random.categorical(dists[-1], axis=-1)
-            mx.async_eval(inputs)
-            tokens.append(inputs)
-        return mx.concatenate(tokens), mx.concatenate(dists) if dists else None
-
-    def verify(inputs: mx.array, proposals: mx.array) -> mx.array:
-        k = proposals.size
-        logits = model(mx.concatenate([inputs, proposals])[None], cache=model_cache, logits_to_keep=k + 1)[0]
-        # Row i of the logits follows the first i proposals.
-        seen_rows = [seen(proposals[:i]) for i in range(k + 1)] if logits_processors else [None] * (k + 1)
-        return row_logprobs(logits, [logits_processors] * (k + 1), seen_rows)
-
-    with mx.stream(generation_stream()):
-        # The prompt's last chunk is read with the first round's proposals.
-        rest = prefill_chunks(model, prompt[None], model_cache, prefill_step_size)
-        prefill_chunks(draft_model, prompt[None], draft_cache, prefill_step_size)
-        if max_tokens == 0:
-            model(rest, cache=model_cache, logits_to_keep=1)
-            draft_model(rest, cache=draft_cache, logits_to_keep=1)
-            mx.eval([c.state for c in model_cache + draft_cache])
-            return
-
-    pending = draft_pending = rest[0]
-    produced = 0
-    try:
-        while produced < max_tokens:
-            k = min(num_draft_tokens, max_tokens - produced - 1)
-            with mx.stream(generation_stream()):
-                proposals, draft_dist = draft(draft_pending, k) if k else (mx.array([], mx.int32), None)
-                logprobs = verify(pending, proposals)
-                n, token = accept_draft(logprobs, proposals, draft_dist, sampler)
-            mx.eval(n, token, proposals)
-            n, token, proposals = n.item(), token.item(), proposals.tolist()
-            # Take back what the caches read past the accepted tokens (the draft never read its last one).
-            _trim(model_cache, k - n)
-            _trim(draft_cache, max(k - 1 - n, 0))
-            new = proposals[:n] + [token]
-            if logits_processors:
-                history = mx.concatenate([history, mx.array(new, history.dtype)])
-            pending = mx.array([token], prompt.dtype)
-            if k == 0:
-                draft_pending = mx.concatenate([draft_pending, pending])
-            else:
-                draft_pending = mx.array(proposals[k - 1 :] + [token] if n == k else [token], prompt.dtype)
-            for i, t in enumerate(new):
-                produced += 1
-                yield t, logprobs[i], i < n
-            if produced % CLEAR_CACHE_EVERY < len(new):
-                mx.clear_cache()
-    finally:
-        # Leave both parts holding the same tokens, none past the last one handed out.
-        keep = min(model_cache[0].offset, draft_cache[0].offset)
-        if produced:
-            keep = min(keep, start + prompt_size + produced - 1)
-        _trim(model_cache, model_cache[0].offset - keep)
-        _trim(draft_cache, draft_cache[0].offset - keep)
+    drafter = DraftModel(draft_model, draft_cache, sampler, logits_processors)
+    yield from speculate(
+        prompt,
+        model,
+        model_cache,
+        drafter,
+        num_tokens=num_draft_tokens,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=logits_processors,
+        prefill_step_size=prefill_step_size,
+    )
