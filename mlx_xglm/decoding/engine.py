@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..errors import XGLMError
+from ..tokenization.encoding import pad_rows
 from .batch_cache import BatchKVCache
 from .cache import check_prompt_cache
 from .rows import CLEAR_CACHE_EVERY, Rows
@@ -198,9 +199,9 @@ class BatchGenerator:
             [mx.array(r.prompt) if r.processors else None for r in requests],
             [r.max_tokens for r in requests],
         )
-        width = max(len(r.prompt) for r in requests)
-        pad = self.model.config.pad_token_id
-        inputs = mx.array([[pad] * (width - len(r.prompt)) + r.prompt for r in requests])
+        prompts = [list(r.prompt) for r in requests]
+        padded = pad_rows(prompts, max(map(len, prompts)), self.model.config.pad_token_id, "left", False)
+        inputs = mx.array(padded["input_ids"])
         rows.prefill(self.model, inputs, self.prefill_step_size)
         self._stats.prompt_tokens += sum(len(r.prompt) for r in requests)
         return rows
