@@ -30,6 +30,14 @@ def _on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def _detached(a: mx.array) -> mx.array:
+    """`a` evaluated, as a new array outside any graph. Under `mx.grad` an evaluated array keeps its graph
+    (MLX may differentiate through it), so each chunk's logits would live on until the backward pass; the
+    custom function below differentiates its chunks itself and needs none of that. (Through float32:
+    numpy has no bfloat16.)"""
+    return mx.array(np.array(a.astype(mx.float32))).astype(a.dtype)
+
+
 def _logits(head: Callable, hidden: mx.array) -> tuple[mx.array, mx.Dtype]:
     """The head's logits of `hidden`, evaluated, in float32; and the dtype the head gave them."""
     logits = head(hidden)
@@ -39,34 +47,55 @@ def _logits(head: Callable, hidden: mx.array) -> tuple[mx.array, mx.Dtype]:
     return logits, dtype
 
 
-def _log_softmax(logits: mx.array, targets: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
-    """log-sum-exp of each row of `logits` [n, V] (float32, evaluated); with `targets` [n], also
-    softmax(logits) minus the targets' one-hot rows: the cross-entropy's gradient in the logits."""
+def _scores(
+    logits: mx.array, targets: mx.array, gradient: bool = False
+) -> tuple[mx.array, mx.array, mx.array | None]:
+    """log p(target) [n] under `logits` [n, V] (float32, evaluated) and each row's log-sum-exp [n]; with
+    `gradient`, also softmax minus the targets' one-hot rows (the cross-entropy's gradient in the logits),
+    which on the CPU is written over `logits`: pass an array no one else holds."""
     if not _on_cpu():
-        if targets is None:
-            return mx.logsumexp(logits, axis=-1), None
+        lse = mx.logsumexp(logits, axis=-1)
+        picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+        if not gradient:
+            return picked - lse, lse, None
         onehot = mx.arange(logits.shape[-1])[None] == targets[:, None]
-        return mx.logsumexp(logits, axis=-1), mx.softmax(logits, axis=-1, precise=True) - onehot
+        return picked - lse, lse, mx.softmax(logits, axis=-1, precise=True) - onehot
+    # numpy views of an evaluated MLX array share its memory, so the softmax can be written in place:
+    # mx.array(ndarray) would copy element by element, twice as slow as numpy's exp itself.
     x = np.asarray(logits)
-    # numpy writes into a fresh MLX buffer (numpy views of MLX arrays share their memory): this avoids
-    # mx.array(ndarray)'s slow element-wise copy, about 2x numpy's exp here.
-    out = mx.zeros(logits.shape, mx.float32)
-    mx.eval(out)
-    e = np.asarray(out)
+    rows, t = np.arange(x.shape[0]), np.asarray(targets)
+    picked = x[rows, t]
     lse = np.empty(x.shape[0], np.float32)
+    scratch = None if gradient else np.empty((min(_ROWS, x.shape[0]), x.shape[1]), np.float32)
     for i in range(0, x.shape[0], _ROWS):
-        rows, block = x[i : i + _ROWS], e[i : i + _ROWS]
-        top = rows.max(axis=1, keepdims=True)
-        np.subtract(rows, top, out=block)
-        np.exp(block, out=block)
-        total = block.sum(axis=1, keepdims=True)
+        block = x[i : i + _ROWS]
+        out = block if gradient else scratch[: block.shape[0]]
+        top = block.max(axis=1, keepdims=True)
+        np.subtract(block, top, out=out)
+        np.exp(out, out=out)
+        total = out.sum(axis=1, keepdims=True)
         lse[i : i + _ROWS] = top[:, 0] + np.log(total[:, 0])
-        if targets is not None:
-            np.divide(block, total, out=block)
-    if targets is None:
-        return mx.array(lse), None
-    e[np.arange(x.shape[0]), np.asarray(targets)] -= 1.0
-    return mx.array(lse), out
+        if gradient:
+            np.divide(out, total, out=out)
+    if gradient:
+        x[rows, t] -= 1.0
+    return mx.array(picked - lse), mx.array(lse), logits if gradient else None
+
+
+def _chunk_logprobs(head: Callable, hidden: mx.array, t: mx.array, greedy: bool, top: int) -> dict:
+    logits, _ = _logits(head, hidden)
+    logprobs, lse, _ = _scores(logits, t)
+    scored = {"logprobs": logprobs}
+    if greedy:
+        scored["greedy"] = mx.argmax(logits, axis=-1) == t
+    if top:
+        ids = mx.argpartition(-logits, kth=top - 1, axis=-1)[:, :top]
+        values = mx.take_along_axis(logits, ids, axis=-1)
+        order = mx.argsort(-values, axis=-1)
+        scored["top_ids"] = mx.take_along_axis(ids, order, axis=-1)
+        scored["top_logprobs"] = mx.take_along_axis(values, order, axis=-1) - lse[:, None]
+    mx.eval(scored)
+    return {name: np.array(value) for name, value in scored.items()}
 
 
 def target_logprobs(
@@ -79,24 +108,15 @@ def target_logprobs(
     """
     parts: dict[str, list] = {"logprobs": [], "greedy": [], "top_ids": [], "top_logprobs": []}
     for start in range(0, hidden.shape[0], CHUNK):
-        t = targets[start : start + CHUNK]
-        logits, _ = _logits(head, hidden[start : start + CHUNK])
-        lse, _ = _log_softmax(logits)
-        picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        parts["logprobs"].append(picked - lse)
-        if greedy:
-            parts["greedy"].append(mx.argmax(logits, axis=-1) == t)
-        if top:
-            ids = mx.argpartition(-logits, kth=top - 1, axis=-1)[:, :top]
-            values = mx.take_along_axis(logits, ids, axis=-1)
-            order = mx.argsort(-values, axis=-1)
-            parts["top_ids"].append(mx.take_along_axis(ids, order, axis=-1))
-            parts["top_logprobs"].append(mx.take_along_axis(values, order, axis=-1) - lse[:, None])
-        mx.eval([p[-1] for p in parts.values() if p])
+        scored = _chunk_logprobs(
+            head, hidden[start : start + CHUNK], targets[start : start + CHUNK], greedy, top
+        )
+        for name, value in scored.items():
+            parts[name].append(value)
     empty = {"logprobs": np.float32, "greedy": bool, "top_ids": np.int32, "top_logprobs": np.float32}
     wanted = {"logprobs": True, "greedy": greedy, "top_ids": top, "top_logprobs": top}
     return {
-        name: np.concatenate([np.array(p) for p in parts[name]]) if parts[name] else np.zeros((0,), dtype)
+        name: np.concatenate(parts[name]) if parts[name] else np.zeros((0,), dtype)
         for name, dtype in empty.items()
         if wanted[name]
     }
@@ -121,19 +141,33 @@ def cross_entropy(
             module.update(tree_unflatten(list(zip(names, params, strict=True))))
         return head(h)
 
+    def chunk(rows: mx.array, t: mx.array, params, with_grads: bool) -> tuple[mx.array, list[mx.array]]:
+        """The nll sum of `rows` (evaluated) and, with `with_grads`, its gradients in rows and params."""
+        # A copy outside the graph: then the logits are this function's own, and the softmax can go over them.
+        rows = _detached(rows)
+        logits, dtype = _logits(lambda x: run_head(x, *params), rows)
+        logprobs, _, d_logits = _scores(logits, t, gradient=with_grads)
+        nll = -logprobs.sum()
+        mx.eval(nll)
+        del logits
+        if not with_grads:
+            return nll, []
+        _, d_inputs = mx.vjp(run_head, [rows, *params], [d_logits.astype(dtype)])
+        return nll, [_detached(d) for d in d_inputs]
+
     def chunked(h: mx.array, params, with_grads: bool) -> list[mx.array]:
         """[nll sum] or [nll sum, d hidden, *d params], the gradients those of the nll sum."""
+        params = [_detached(p) for p in params]
         total, d_hidden, d_params = mx.array(0.0), [], [mx.zeros_like(p) for p in params]
         for start in range(0, h.shape[0], CHUNK):
-            rows, t = h[start : start + CHUNK], targets[start : start + CHUNK]
-            logits, dtype = _logits(lambda x: run_head(x, *params), rows)
-            lse, d_logits = _log_softmax(logits, t if with_grads else None)
-            total = total + (lse - mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]).sum()
+            nll, d_inputs = chunk(
+                h[start : start + CHUNK], targets[start : start + CHUNK], params, with_grads
+            )
+            total = total + nll
             if with_grads:
-                _, (d_rows, *d_chunk) = mx.vjp(run_head, [rows, *params], [d_logits.astype(dtype)])
-                d_hidden.append(d_rows)
-                d_params = [a + b for a, b in zip(d_params, d_chunk, strict=True)]
-            mx.eval(total, d_hidden, d_params)
+                d_hidden.append(d_inputs[0])
+                d_params = [a + b for a, b in zip(d_params, d_inputs[1:], strict=True)]
+                mx.eval(d_params)
         if names:
             module.update(tree_unflatten(list(zip(names, weights, strict=True))))
         if not with_grads:
