@@ -114,7 +114,7 @@ def compare(args: argparse.Namespace) -> None:
     )
     print(f"mlx-xglm perplexity(): {ours:.1f} s, perplexity {results['mlx'][0]['perplexity']:.6g}")
     print(f"transformers strided loop: {theirs:.1f} s, perplexity {results['torch'][0]['perplexity']:.6g}")
-    print(f"speed, mlx-xglm / transformers: {theirs / ours:.2f}x")
+    print(f"speed, mlx-xglm / transformers: {theirs / ours:.2f}x", flush=True)
 
 
 PASSED = ("preset", "layers", "tokens", "context_length", "stride")
