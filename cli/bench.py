@@ -14,7 +14,6 @@ from mlx_xglm import XGLMError, load
 from mlx_xglm.bench import PRESETS, benchmark, make_agreeing_draft, random_model
 from mlx_xglm.checkpoints import DTYPES, quantize_model
 from mlx_xglm.decoding.speculative import check_draft_model
-from mlx_xglm.model.fused import fuse_qkv
 
 EXAMPLES = """\
 examples:
@@ -76,9 +75,7 @@ def _model(args):
         model.set_dtype(DTYPES[args.dtype])
     if args.q_bits is not None:
         quantize_model(model, args.q_bits, args.q_group_size)
-    if args.dtype or args.q_bits is not None:
-        fuse_qkv(model)  # again: the new dtype or quantization replaced the weights load() had fused
-    mx.eval(model.state)
+    mx.eval(model.parameters())
     return model, {"model": args.model, "layers": model.config.num_layers}
 
 

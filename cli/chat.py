@@ -8,8 +8,10 @@ from contextlib import closing
 from itertools import chain
 
 from mlx_xglm import XGLMError
-from mlx_xglm.decoding.chat import DEFAULT_TEMPLATE, Conversation, split_template
+from mlx_xglm.decoding.chat import Conversation
+from mlx_xglm.tokenization.prompt import DEFAULT_TEMPLATE, split_template
 
+from .launch import add_pipeline_arg, finish_ranks, launched_seed, refuse_launched, start_ranks
 from .options import (
     add_adapter_arg,
     add_draft_args,
@@ -63,20 +65,26 @@ def register(subparsers) -> None:
     )
     add_sampling_args(parser, max_tokens=256)
     add_draft_args(parser)
+    add_pipeline_arg(parser)
     parser.set_defaults(run=run, usage_error=parser.error)
 
 
 def run(args: argparse.Namespace) -> int:
-    renderer = Renderer()
+    group = start_ranks()
+    refuse_launched(group, "--draft-model", args.draft_model)
+    renderer = Renderer(quiet=group.rank() != 0)
     sampling = sampling_from(args)
     template = unescape(check_utf8(args.template, "--template"))
     split_template(template)
-    model, tokenizer, _ = load_model(args.model, args.revision, renderer.spinner, args.adapter_path)
+    model, tokenizer, _ = load_model(
+        args.model, args.revision, renderer.spinner, args.adapter_path, group, args.pipeline
+    )
     draft = load_draft(args, model, tokenizer, renderer.spinner)
     sampling.update(draft)
     conversation = Conversation(
         model, tokenizer, template, max_kv_size=args.max_kv_size, draft_model=draft.get("draft_model")
     )
+    launched_seed(args, group)
     seed_from(args)
     if sys.stdin.isatty():
         # Importing readline gives input() line editing and history.
@@ -108,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             renderer.note(f"unknown command {command}; /help lists the commands")
         else:
             answer(conversation, command, renderer, args.max_tokens, sampling)
+            finish_ranks(group)
 
 
 def answer(conversation: Conversation, message: str, renderer: Renderer, max_tokens: int, sampling) -> None:

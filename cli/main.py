@@ -21,6 +21,7 @@ import traceback
 import warnings
 
 from mlx_xglm import XGLMError, __version__
+from mlx_xglm.world import RankFailed, is_quiet_rank
 
 COMMANDS: list[str] = [
     "generate",
@@ -86,7 +87,10 @@ def error_line(error: XGLMError, flags: dict[str, str]) -> str:
     message = str(error)
     flag = flags.get(error.param)
     if flag is not None:
-        message = re.sub(rf"(?<![\w./-]){re.escape(error.param)}(?![\w./-])", flag, message)
+        # Not inside `code spans`: they quote commands and files, which must stay as written.
+        parts = message.split("`")
+        name = re.compile(rf"(?<![\w./-]){re.escape(error.param)}(?![\w./-])")
+        message = "`".join(p if i % 2 else name.sub(flag, p) for i, p in enumerate(parts))
     return f"error: {message}"
 
 
@@ -111,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except XGLMError as e:
-        print(error_line(e, getattr(args, "flags", {})), file=sys.stderr)
+        if not (isinstance(e, RankFailed) and is_quiet_rank()):
+            print(error_line(e, getattr(args, "flags", {})), file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         # Ctrl-C (or SIGTERM/SIGHUP while an output was written) before any text was made: end the line
@@ -159,8 +164,8 @@ def _flushed(code: int) -> int:
 def entry() -> None:
     """The `mlx-xglm` script: run `main`, flush the output, and leave with `os._exit`.
 
-    A normal interpreter exit waits for the thread pool of a preloaded OpenBLAS (the README's recipe for
-    float32 speed on Linux), which can hang forever; by then every output is written and flushed.
+    A normal interpreter exit waits for the thread pool of a preloaded OpenBLAS (the recipe for float32
+    speed on Linux in docs/performance.md), which can hang forever; by then every output is written.
     """
     try:
         code = main()

@@ -6,8 +6,9 @@ import argparse
 import os
 
 from mlx_xglm import XGLMError
-from mlx_xglm.decoding.chat import DEFAULT_TEMPLATE, split_template
+from mlx_xglm.tokenization.prompt import DEFAULT_TEMPLATE, split_template
 
+from .launch import start_ranks, stop_with_launcher
 from .options import add_adapter_arg, add_model_args, help_formatter, load_model, unescape
 from .render import Renderer
 
@@ -37,6 +38,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, got {value}")
+    return value
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "server",
@@ -48,7 +56,7 @@ def register(subparsers) -> None:
     add_model_args(parser)
     add_adapter_arg(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
+    parser.add_argument("--port", type=_port, default=8080, help="port to listen on (default: 8080)")
     parser.add_argument(
         "--api-key",
         metavar="KEY",
@@ -73,6 +81,20 @@ def register(subparsers) -> None:
         type=_positive,
         metavar="N",
         help="longer prompts get a 413 (default: the model's max_position_embeddings)",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=_positive,
+        metavar="N",
+        help="prompt plus max_tokens may not exceed N; more gets a 400 (default: the model's "
+        "max_position_embeddings, or --max-prompt-tokens if larger)",
+    )
+    parser.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        metavar="ORIGIN",
+        help='web origins whose pages may call the API (CORS), e.g. http://localhost:3000, or "*" '
+        "for any (default: none)",
     )
     parser.add_argument(
         "--max-body-bytes",
@@ -104,7 +126,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from mlx_xglm.serving import serve
+        from mlx_xglm.serving import follow, serve
     except ImportError as e:
         raise XGLMError(
             f"mlx-xglm server needs the [server] extra ({e.name} is missing): pip install 'mlx-xglm[server]'"
@@ -112,7 +134,13 @@ def run(args: argparse.Namespace) -> int:
     template = unescape(args.chat_template)
     engine_args = {"max_batch": args.max_batch, "max_queue": args.max_queue, "max_kv_size": args.max_kv_size}
     split_template(template)  # before the model loads
-    model, tokenizer, _ = load_model(args.model, args.revision, Renderer().spinner, args.adapter_path)
+    group = start_ranks()
+    model, tokenizer, _ = load_model(args.model, args.revision, Renderer().spinner, args.adapter_path, group)
+    if group.rank() != 0:
+        follow(model, tokenizer, group, engine_args)
+        return 0
+    if group.size() > 1:
+        stop_with_launcher()
     serve(
         model,
         tokenizer,
@@ -125,5 +153,8 @@ def run(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         max_body_bytes=args.max_body_bytes,
         chat_template=template,
+        max_model_len=args.max_model_len,
+        allowed_origins=args.allowed_origins,
+        group=group,
     )
     return 0

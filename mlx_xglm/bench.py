@@ -19,8 +19,8 @@ from .decoding.cache import make_prompt_cache
 from .decoding.generate import generate_step
 from .decoding.speculative import speculative_generate_step
 from .errors import XGLMError
-from .model.fused import fuse_qkv
 from .model.xglm import XGLMConfig, XGLMForCausalLM
+from .settings import on_gpu
 
 # The shapes of the released checkpoints (XGLM.md), which share vocab 256008 and 2048 positions, and of the
 # tiny checkpoint `mlx-xglm tiny` writes.
@@ -65,8 +65,7 @@ def random_model(
     model.set_dtype(DTYPES[dtype])
     if q_bits is not None:
         quantize_model(model, q_bits, q_group_size)
-    fuse_qkv(model)
-    mx.eval(model.state)
+    mx.eval(model.parameters())
     model.eval()
     return model
 
@@ -91,8 +90,7 @@ def make_agreeing_draft(model: XGLMForCausalLM, layers: int) -> XGLMForCausalLM:
     draft.model.layer_norm = model.model.layer_norm
     if not model.config.tie_word_embeddings:
         draft.lm_head = model.lm_head
-    fuse_qkv(model)  # again: the zeroed projections replaced the views load() made
-    mx.eval(model.state)
+    mx.eval(model.parameters())
     draft.eval()
     return draft
 
@@ -109,7 +107,7 @@ def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
     thread and would understate what the memory can deliver to the (multi-threaded) matmuls.
     """
     n = megabytes * 2**20 // 4
-    if mx.default_device() == mx.gpu:
+    if on_gpu():
         src = mx.random.uniform(shape=(n,))
         mx.eval(src)
 

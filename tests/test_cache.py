@@ -15,7 +15,7 @@ from mlx_xglm import (
     trim_prompt_cache,
 )
 from mlx_xglm.decoding import cached_tokens, prompt_cache_max_kv_size
-from mlx_xglm.decoding.cache import KVCache, RotatingKVCache
+from mlx_xglm.model.cache import KVCache, RotatingKVCache
 
 TEXT = "The quick brown fox jumps over the lazy dog. Москва является столицей России. 敏捷的棕色狐狸"
 

@@ -3,7 +3,7 @@
 import mlx.core as mx
 import numpy as np
 
-from mlx_xglm.decoding.batch_cache import BatchKVCache
+from mlx_xglm.model.batch_cache import BatchKVCache
 from mlx_xglm.model.masks import left_padding_mask, left_padding_positions, padding_positions
 
 

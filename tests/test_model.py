@@ -137,3 +137,15 @@ def test_xglm_model_returns_final_hidden_states(tiny_checkpoint):
 def test_unsupported_activation_is_rejected():
     with pytest.raises(XGLMError, match="config field activation_function must be one of gelu"):
         XGLMConfig(d_model=16, ffn_dim=16, num_layers=1, attention_heads=2, activation_function="mish")
+
+
+def test_float16_positions_are_cast_once(lively_checkpoint):
+    model = load(lively_checkpoint)[0]
+    model.set_dtype(mx.float16)
+    prompt = mx.array([[2, 100, 200, 300, 17]])
+    cache = model.make_cache()
+    mx.eval(model(prompt, cache=cache))
+    positions = model.model.embed_positions
+    cast = positions._cast
+    mx.eval(model(prompt[:, :1], cache=cache))
+    assert positions._cast is cast and cast.dtype == mx.float16

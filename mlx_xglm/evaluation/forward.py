@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from ..model.cache import KVCache
 from ..model.logprobs import target_logprobs
 from ..model.masks import padding_mask, padding_positions
 from ..tokenization.encoding import pad_rows
@@ -63,15 +64,8 @@ def sequence_logprobs(model, rows: list[list[int]]) -> list[tuple[np.ndarray, np
     return out
 
 
-class _CopiedContext:
-    """One layer's cache for continuations: the context's keys and values, the new ones appended."""
-
-    def __init__(self, keys: mx.array, values: mx.array):
-        self.keys, self.values = keys, values
-        self.offset = keys.shape[2]
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
+def _rows_of(state: tuple[mx.array, mx.array], which: mx.array) -> tuple[mx.array, mx.array]:
+    return tuple(mx.take(a, which, axis=0) for a in state)
 
 
 def continuation_logprobs(
@@ -91,7 +85,7 @@ def continuation_logprobs(
     which = mx.array([g for g, _ in continuations])
     rest_len = max(len(c) - 1 for _, c in continuations)
     if rest_len:
-        copies = [_CopiedContext(*(mx.take(a, which, axis=0) for a in layer.state)) for layer in cache]
+        copies = [KVCache.from_state(_rows_of(layer.state, which), layer.meta_state) for layer in cache]
         rows, real = _padded([list(c[:-1]) for _, c in continuations], "right", pad, rest_len)
         keys = mx.concatenate([key_real[which], real], axis=1)
         cont_hidden = _padded_forward(model, rows, keys, copies)

@@ -47,10 +47,6 @@ class XGLMSinusoidalPositionalEmbedding(nn.Module):
             return table[positions.start + POSITION_OFFSET : positions.end + POSITION_OFFSET]
         return table[positions.ids + POSITION_OFFSET]
 
-    def prepare(self, end: int, dtype) -> None:
-        """Grow and cast the table now for positions below `end`, so that reading them makes no new arrays."""
-        self._rows(end + POSITION_OFFSET, dtype)
-
     def _rows(self, needed: int, dtype) -> mx.array:
         if needed > self._table.shape[0]:
             size = max(needed, 2 * self._table.shape[0])

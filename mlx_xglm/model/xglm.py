@@ -12,15 +12,13 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..decoding.cache import KVCache
-from . import compiled
-from .compiled import CompiledCalls, DecodeStep, fits
+from .cache import KVCache
 from .config import ACTIVATIONS, XGLMConfig
-from .dropout import Dropout, keyed_call
+from .dropout import Dropout, dropout_key, keyed_call, layer_key
 from .forward import causal_lm_forward, model_forward
-from .fused import fused_in_place, linear, project_qkv, views_in_place
 from .masks import Positions, additive_mask, causal
 from .positions import XGLMSinusoidalPositionalEmbedding
+from .sharding import pipeline, shard
 
 
 class XGLMAttention(nn.Module):
@@ -39,56 +37,37 @@ class XGLMAttention(nn.Module):
         self.dropout_p = config.attention_dropout
         self.dropout = Dropout(config.attention_dropout)
 
-    def project(self, x: mx.array, B: int, L: int) -> tuple[mx.array, mx.array, mx.array]:
-        """Queries, keys and values [B, heads, L, head_dim] of `x` [B * L, d_model] (B rows of L positions:
-        a matmul over 3-D input adds two reshapes to each step), in one matmul where q/k/v are fused."""
-        if "_qkv_weight" in self and not self.training:
-            qkv = project_qkv(self, x)
-            if L == 1:  # heads of q, k and v in a row: one reshape, then one split
-                return tuple(mx.split(qkv.reshape(B, 3 * self.num_heads, 1, -1), 3, axis=1))
-            parts = mx.split(qkv, 3, axis=-1)
-        else:
-            parts = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        if L == 1:  # one position per row: the head split needs no transpose
-            return tuple(p.reshape(B, self.num_heads, 1, -1) for p in parts)
-        return tuple(p.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for p in parts)
-
-    def output(self, out: mx.array) -> mx.array:
-        """The heads' outputs [B, heads, L, head_dim] merged and projected back, [B * L, d_model]."""
-        B, _, L, _ = out.shape
-        merged = out.reshape(B, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B * L, -1)
-        return linear(self.out_proj, merged)
-
     def __call__(self, x: mx.array, mask=None, cache=None, head_mask=None, attentions=None) -> mx.array:
         """Attention output [B, L, d_model]; `mask` is None, "causal", boolean or additive over [L, S].
 
         `head_mask` [heads] scales each head's probabilities; a list `attentions` receives them [B, heads,
-        L, S]. Either, or attention dropout in training mode, spells the attention out; otherwise the fused
-        kernel runs.
+        L, S]. Either, or attention dropout in training mode, spells the attention out; otherwise MLX's
+        attention kernel (`mx.fast.scaled_dot_product_attention`) runs.
         """
-        fused_in_place(self)
         B, L, _ = x.shape
-        q, k, v = self.project(x.reshape(B * L, -1), B, L)
+        q, k, v = (
+            proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        return self.output(self.attend(q, k, v, mask, head_mask, attentions)).reshape(x.shape)
+        out = self.attend(q, k, v, mask, head_mask, attentions)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def attend(self, q, k, v, mask=None, head_mask=None, attentions=None) -> mx.array:
         """Each head's attention output [B, heads, L, head_dim]; the options are those of `__call__`."""
         L = q.shape[2]
         if attentions is None and head_mask is None and not (self.training and self.dropout_p > 0):
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        else:
-            scores = ((q * self.scale) @ k.swapaxes(-1, -2)).astype(mx.float32)
-            mask = additive_mask(mask, L, k.shape[2], mx.float32)
-            probs = mx.softmax(scores if mask is None else scores + mask, axis=-1)
-            if head_mask is not None:
-                probs = probs * head_mask.astype(mx.float32)[None, :, None, None]
-            probs = probs.astype(v.dtype)
-            if attentions is not None:
-                attentions.append(probs)
-            out = self.dropout(probs) @ v
-        return out
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        scores = ((q * self.scale) @ k.swapaxes(-1, -2)).astype(mx.float32)
+        mask = additive_mask(mask, L, k.shape[2], mx.float32)
+        probs = mx.softmax(scores if mask is None else scores + mask, axis=-1)
+        if head_mask is not None:
+            probs = probs * head_mask.astype(mx.float32)[None, :, None, None]
+        probs = probs.astype(v.dtype)
+        if attentions is not None:
+            attentions.append(probs)
+        return self.dropout(probs) @ v
 
 
 class XGLMDecoderLayer(nn.Module):
@@ -106,48 +85,11 @@ class XGLMDecoderLayer(nn.Module):
         self.activation_dropout = Dropout(config.activation_dropout)
 
     def __call__(self, x: mx.array, mask=None, cache=None, head_mask=None, attentions=None) -> mx.array:
-        """The block's output; the options are those of `XGLMAttention.__call__`."""
-        views_in_place(self)
-        B, L, d = x.shape
-        rows = x.reshape(B * L, d)
-        if self.training or L > compiled.COMPILE_MAX_LENGTH:
-            return self.run(rows, B, L, mask, cache, head_mask, attentions).reshape(B, L, d)
-        halves = self._compiled()
-        q, k, v = halves(0, rows, B, L)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        attended = self.self_attn.attend(q, k, v, mask, head_mask, attentions)
-        return halves(1, rows, attended).reshape(B, L, d)
-
-    def run(self, rows: mx.array, B: int, L: int, mask=None, cache=None, head_mask=None, attentions=None):
-        """The block over `rows` [B * L, d_model] (B rows of L positions) as written: nothing compiled and
-        nothing checked (`__call__` checks the views). Returns rows."""
-        q, k, v = self._before_cache(rows, B, L)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        return self._after_cache(rows, self.self_attn.attend(q, k, v, mask, head_mask, attentions))
-
-    def _before_cache(self, rows: mx.array, B: int, L: int) -> tuple[mx.array, mx.array, mx.array]:
-        return self.self_attn.project(compiled.norm(self.self_attn_layer_norm, rows), B, L)
-
-    def _after_cache(self, rows: mx.array, attended: mx.array) -> mx.array:
-        rows = rows + self.dropout(self.self_attn.output(attended))
-        h = self.activation_dropout(
-            self.activation(linear(self.fc1, compiled.norm(self.final_layer_norm, rows)))
-        )
-        return rows + self.dropout(linear(self.fc2, h))
-
-    def _compiled(self) -> CompiledCalls:
-        """The halves compiled over the layer's arrays (see compiled.py), rebuilt when its modules change."""
-        halves = getattr(self, "_compiled_halves", None)
-        if halves is None or not halves.valid():
-            attention = self.self_attn
-            calls = [
-                (self._before_cache, [self.self_attn_layer_norm, attention]),
-                (self._after_cache, [attention.out_proj, self.final_layer_norm, self.fc1, self.fc2]),
-            ]
-            halves = self._compiled_halves = CompiledCalls(self, calls)
-        return halves
+        """The block's output [B, L, d_model]; the options are those of `XGLMAttention.__call__`."""
+        h = self.self_attn(self.self_attn_layer_norm(x), mask, cache, head_mask, attentions)
+        x = x + self.dropout(h)
+        h = self.activation_dropout(self.activation(self.fc1(self.final_layer_norm(x))))
+        return x + self.dropout(self.fc2(h))
 
 
 class XGLMModel(nn.Module):
@@ -163,7 +105,7 @@ class XGLMModel(nn.Module):
         )
         self.layers = [XGLMDecoderLayer(config) for _ in range(config.num_layers)]
         self.layer_norm = nn.LayerNorm(config.d_model, eps=1e-5)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         # Training only: recompute each layer in the backward pass instead of keeping its activations.
         self.grad_checkpoint = False
 
@@ -212,11 +154,7 @@ class XGLMModel(nn.Module):
                 h = keyed_call(layer, checkpoint, h, *args)
             else:
                 h = layer(h, *args)
-        if self.training or length > compiled.COMPILE_MAX_LENGTH:
-            h = self.layer_norm(h)
-        else:
-            norm = self.layer_norm
-            h = compiled.final_layer_norm(h, norm.weight, norm.bias, norm.eps)
+        h = self.layer_norm(h)
         if hidden_states is not None:
             hidden_states.append(h)
         return h
@@ -225,7 +163,11 @@ class XGLMModel(nn.Module):
         """The decoder's input: scaled token embeddings (or `inputs_embeds` as given) plus positions."""
         h = self.embed_tokens(inputs) if inputs_embeds is None else inputs_embeds
         scale = self.embed_scale if inputs_embeds is None else 1.0
-        return self.dropout(compiled.scale_and_add(h, scale, self.embed_positions(positions, h.dtype)))
+        h = h * scale + self.embed_positions(positions, h.dtype)
+        if not self.training:
+            return h
+        with dropout_key(layer_key()):  # keyed as the layers' dropout: per row, the same on any rank
+            return self.dropout(h)
 
     # The full forward (attention masks, hidden states, attentions, head_mask) packaged as transformers does.
     forward = model_forward
@@ -255,17 +197,6 @@ class XGLMForCausalLM(nn.Module):
         `logits_to_keep=n` (as in transformers) returns the logits of the last n positions only: the head
         is a d_model x vocab_size matmul per position, so a prompt's first token needs just one.
         """
-        if (
-            compiled.COMPILE_STEP
-            and mask is None
-            and position_ids is None
-            and not self.training
-            and fits(cache, inputs)
-        ):
-            step = getattr(self, "_decode_step", None)
-            if step is None:
-                step = self._decode_step = DecodeStep(self)
-            return step(inputs, cache)
         h = self.model(inputs, cache=cache, mask=mask, position_ids=position_ids)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -283,6 +214,14 @@ class XGLMForCausalLM(nn.Module):
     @property
     def layers(self) -> list[XGLMDecoderLayer]:
         return self.model.layers
+
+    def shard(self, group=None) -> None:
+        """Tensor parallelism over `group` (default: the launcher's), in place; see sharding.py."""
+        shard(self, group or mx.distributed.init())
+
+    def pipeline(self, group=None) -> None:
+        """Keep only this rank's slice of the layers (default group: the launcher's); see sharding.py."""
+        pipeline(self, group or mx.distributed.init())
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]

@@ -15,7 +15,6 @@ import threading
 
 from ..decoding.engine import BatchGenerator
 from ..decoding.sample_utils import make_logits_processors
-from ..errors import XGLMError
 from .errors import APIError
 from .jobs import Failed, Job, Token, row_samplers
 from .scoring import prompt_logprobs, top_logprobs
@@ -79,6 +78,24 @@ class Engine:
                 )
             self._rows += rows
 
+    def check_room(self, rows: int) -> None:
+        """Before any work for a request of `rows` rows: a 400 if it can never fit, a 503 if not now."""
+        if rows > self.capacity:
+            raise APIError(
+                400,
+                f"the request asks for {rows} rows (prompts times n); this server holds at most "
+                f"{self.capacity} at once",
+                "n",
+                "too_many_rows",
+            )
+        with self._lock:
+            if self._rows + rows > self.capacity:
+                raise APIError(
+                    503,
+                    f"the server is busy ({self._rows} rows running or queued); retry shortly",
+                    code="queue_full",
+                )
+
     def _release(self, rows: int) -> None:
         with self._lock:
             self._rows -= rows
@@ -128,15 +145,7 @@ class Engine:
         generator = self._new_generator()
         stalled = False
         while True:
-            commands = []
-            if not self._running:
-                commands.append(self._inbox.get())
-            elif stalled:  # rows are waiting but the last step gave no token: do not spin
-                with contextlib.suppress(queue.Empty):
-                    commands.append(self._inbox.get(timeout=STALL_WAIT))
-            while not self._inbox.empty():
-                commands.append(self._inbox.get())
-            for kind, payload in commands:
+            for kind, payload in self._collect(stalled):
                 if kind == "stop":
                     self._finish_all(generator, "abort")
                     return
@@ -155,14 +164,30 @@ class Engine:
                 self._fail_all(APIError(500, "decoding failed on the server; see its log"))
                 generator = self._new_generator()
 
+    def _collect(self, stalled: bool) -> list[tuple[str, object]]:
+        """The commands for the next step: waits for one when no row runs, a moment when `stalled`."""
+        commands = []
+        if not self._running:
+            commands.append(self._inbox.get())
+        elif stalled:  # rows are waiting but the last step gave no token: do not spin
+            with contextlib.suppress(queue.Empty):
+                commands.append(self._inbox.get(timeout=STALL_WAIT))
+        while not self._inbox.empty():
+            commands.append(self._inbox.get())
+        return commands
+
     def _new_generator(self) -> BatchGenerator:
         return BatchGenerator(self.model, stop_tokens={self.tokenizer.eos_token_id}, **self._generator_args)
 
     def _on_insert(self, generator: BatchGenerator, job: Job) -> None:
         try:
             samplers = row_samplers(job.sampling, job.n)
+            sampling = job.sampling
             processors = make_logits_processors(
-                logit_bias=job.sampling.logit_bias, repetition_penalty=job.sampling.repetition_penalty
+                logit_bias=sampling.logit_bias,
+                repetition_penalty=sampling.repetition_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                presence_penalty=sampling.presence_penalty,
             )
             uids = generator.insert(
                 [job.prompt] * job.n,
@@ -173,7 +198,7 @@ class Engine:
         except Exception as e:
             log.exception("could not start a request")
             self._release(job.n)
-            job.post(Failed(APIError(400 if isinstance(e, ValueError | XGLMError) else 500, str(e))))
+            job.post(Failed(APIError(400 if isinstance(e, ValueError) else 500, str(e))))  # XGLMError too
             return
         job.uids = list(uids)
         for row, uid in enumerate(uids):

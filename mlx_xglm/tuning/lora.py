@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -9,6 +11,16 @@ from mlx.utils import tree_flatten
 from ..checkpoints.adapters import TARGETS, LoraConfig, load_adapter_weights, wrap_modules
 from ..errors import XGLMError
 from ..model.lora import LoRALinear
+
+
+def check_lora_options(rank: int, alpha: float, dropout: float) -> None:
+    """XGLMError naming the first of the adapter's `rank`, `alpha` and `dropout` that cannot train."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise XGLMError(f"rank must be 1 or more (a whole number), got {rank}", param="rank")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise XGLMError(f"alpha must be a finite number, got {alpha}", param="alpha")
+    if not 0 <= dropout < 1:
+        raise XGLMError(f"dropout must be in [0, 1), got {dropout}", param="dropout")
 
 
 def lora_config(
@@ -27,10 +39,7 @@ def lora_config(
     update is `alpha / rank`. Raises XGLMError naming the parameter at fault.
     """
     total = len(model.layers)
-    if rank < 1:
-        raise XGLMError(f"rank must be 1 or more, got {rank}", param="rank")
-    if not 0 <= dropout < 1:
-        raise XGLMError(f"dropout must be in [0, 1), got {dropout}", param="dropout")
+    check_lora_options(rank, alpha, dropout)
     if num_layers == 0 or num_layers < -1:
         raise XGLMError(f"num_layers must be -1 (all) or 1..{total}, got {num_layers}", param="num_layers")
     if num_layers > total:
@@ -100,11 +109,14 @@ def resume_adapter(model: nn.Module, modules: dict, source: str) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a quantized weight counts as the values it stands for."""
+    """(trainable, total) parameter counts; a quantized weight counts as the values it stands for.
+
+    Only parameters count: a module's underscored arrays (the fast path's fused q/k/v buffer and
+    transposed weight views) are other names for the same values, not more of them."""
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     total = 0
     for _, module in model.named_modules():
-        own = {k: v for k, v in module.items() if isinstance(v, mx.array)}
+        own = {k: v for k, v in module.items() if isinstance(v, mx.array) and not k.startswith("_")}
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             own.pop("scales")
             own.pop("biases", None)

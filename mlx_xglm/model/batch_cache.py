@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..model.masks import Positions, causal, left_padding_mask, left_padding_positions
 from .cache import KVCache
+from .masks import Positions, causal, left_padding_mask, left_padding_positions
 
 
 class BatchKVCache(KVCache):
