@@ -39,26 +39,29 @@ def _target_logprobs(model, hidden: mx.array, targets: list[int]) -> tuple[np.nd
     return scored["logprobs"], scored["greedy"]
 
 
-def sequence_logprobs(model, rows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+def sequence_logprobs(
+    model, rows: list[list[int]], last: list[int] | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each id list in one batch: log p(row[i] | row[:i]) for i >= 1, and whether row[i] was the argmax.
 
     The rows are left-padded into one forward pass; positions count real tokens only, so each row's
-    numbers equal its unpadded self.
+    numbers equal its unpadded self. `last[b]` scores only row b's last `last[b]` tokens (perplexity's
+    windows score their tail): the head and the vocabulary-wide softmax are most of the cost.
     """
     inputs, key_real = _padded([list(r) for r in rows], "left", model.config.pad_token_id)
     width = inputs.shape[1]
     hidden = _padded_forward(model, inputs, key_real)
+    counts = [len(row) - 1 for row in rows] if last is None else last
     # Row b's real tokens sit in the last len(row) columns; column c predicts the token in column c + 1.
     flat, targets = [], []
-    for b, row in enumerate(rows):
-        first = b * width + width - len(row)
-        flat.extend(range(first, first + len(row) - 1))
-        targets.extend(row[1:])
+    for b, (row, n) in enumerate(zip(rows, counts, strict=True)):
+        end = b * width + width - 1
+        flat.extend(range(end - n, end))
+        targets.extend(row[len(row) - n :])
     scored_rows = hidden.reshape(-1, hidden.shape[-1])[mx.array(flat, mx.int32)]
     lp, greedy = _target_logprobs(model, scored_rows, targets)
     out, at = [], 0
-    for row in rows:
-        n = len(row) - 1
+    for n in counts:
         out.append((lp[at : at + n], greedy[at : at + n]))
         at += n
     return out
