@@ -14,6 +14,7 @@ from .options import (
     add_adapter_arg,
     add_draft_args,
     add_model_args,
+    add_prompt_cache_args,
     add_sampling_args,
     check_utf8,
     help_formatter,
@@ -63,6 +64,7 @@ def register(subparsers) -> None:
     )
     add_sampling_args(parser, max_tokens=256)
     add_draft_args(parser)
+    add_prompt_cache_args(parser)
     parser.set_defaults(run=run, usage_error=parser.error)
 
 
@@ -75,7 +77,13 @@ def run(args: argparse.Namespace) -> int:
     draft = load_draft(args, model, tokenizer, renderer.spinner)
     sampling.update(draft)
     conversation = Conversation(
-        model, tokenizer, template, max_kv_size=args.max_kv_size, draft_model=draft.get("draft_model")
+        model,
+        tokenizer,
+        template,
+        max_kv_size=args.max_kv_size,
+        draft_model=draft.get("draft_model"),
+        prompt_cache_size=args.prompt_cache_size,
+        prompt_cache_bytes=args.prompt_cache_bytes,
     )
     seed_from(args)
     if sys.stdin.isatty():

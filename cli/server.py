@@ -8,7 +8,14 @@ import os
 from mlx_xglm import XGLMError
 from mlx_xglm.decoding.chat import DEFAULT_TEMPLATE, split_template
 
-from .options import add_adapter_arg, add_model_args, help_formatter, load_model, unescape
+from .options import (
+    add_adapter_arg,
+    add_model_args,
+    add_prompt_cache_args,
+    help_formatter,
+    load_model,
+    unescape,
+)
 from .render import Renderer
 
 EXAMPLES = r"""
@@ -18,8 +25,8 @@ examples:
   MLX_XGLM_API_KEY=secret mlx-xglm server --host 0.0.0.0
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize,
-POST /detokenize, GET /tokenizer_info, GET /health. Ctrl-C or SIGTERM stops it: running requests end with
-finish_reason "abort" and the server exits within seconds.
+POST /detokenize, GET /tokenizer_info, GET /health, GET /metrics (Prometheus). Ctrl-C or SIGTERM stops
+it: running requests end with finish_reason "abort" and the server exits within seconds.
 """
 
 
@@ -87,6 +94,7 @@ def register(subparsers) -> None:
         metavar="N",
         help="keep only the last N positions of each row's KV cache",
     )
+    add_prompt_cache_args(parser)
     parser.add_argument(
         "--chat-template",
         default=DEFAULT_TEMPLATE.replace("\n", "\\n"),
@@ -110,7 +118,13 @@ def run(args: argparse.Namespace) -> int:
             f"mlx-xglm server needs the [server] extra ({e.name} is missing): pip install 'mlx-xglm[server]'"
         ) from None
     template = unescape(args.chat_template)
-    engine_args = {"max_batch": args.max_batch, "max_queue": args.max_queue, "max_kv_size": args.max_kv_size}
+    engine_args = {
+        "max_batch": args.max_batch,
+        "max_queue": args.max_queue,
+        "max_kv_size": args.max_kv_size,
+        "prompt_cache_size": args.prompt_cache_size,
+        "prompt_cache_bytes": args.prompt_cache_bytes,
+    }
     split_template(template)  # before the model loads
     model, tokenizer, _ = load_model(args.model, args.revision, Renderer().spinner, args.adapter_path)
     serve(

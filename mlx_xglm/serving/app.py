@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
 
 from ..decoding.chat import DEFAULT_TEMPLATE, split_template
 from .chat_completions import create_chat_completion
@@ -14,6 +15,7 @@ from .completions import create_completion
 from .engine import Engine
 from .errors import APIError, install_error_handlers
 from .gate import Gate
+from .metrics import RequestCounter, render
 from .prompts import chat_prompt, check_ids
 from .protocol import (
     ChatCompletionRequest,
@@ -76,11 +78,16 @@ def create_app(
     app = FastAPI(title="mlx-xglm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     install_error_handlers(app)
-    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes)
+    requests = RequestCounter()
+    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, requests=requests)
 
     @app.get("/health")
     async def health():
         return {"status": "ok", **engine.stats()}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(render(requests, engine.metrics()), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():

@@ -24,10 +24,12 @@ async def _send_error(send, status: int, message: str, code: str | None = None) 
 class Gate:
     """ASGI middleware: 413 for a body over `max_body_bytes`, 401 without `Authorization: Bearer
     <api_key>` (compared in constant time) when a key is set, and one log line per request: method, path,
-    status, prompt and generated tokens, tokens per second and time taken."""
+    status, prompt and generated tokens, tokens per second and time taken; `requests` (a RequestCounter)
+    counts each answered request for /metrics."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, requests=None):
         self.app = app
+        self.requests = requests
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
 
@@ -74,6 +76,8 @@ class Gate:
 
         def log_line() -> None:
             logged[0] = True
+            if self.requests is not None:
+                self.requests.add(scope["path"], status[0])
             elapsed = time.perf_counter() - start
             prompt, generated = state.get("prompt_tokens", 0), state.get("generated_tokens", 0)
             log.info(

@@ -44,7 +44,8 @@ def serve(
 ) -> None:
     """Serve `model` on `host:port` until SIGINT or SIGTERM.
 
-    `engine_args` go to `Engine` (`max_batch`, `max_queue`, `max_kv_size`, `prefill_step_size`),
+    `engine_args` go to `Engine` (`max_batch`, `max_queue`, `max_kv_size`, `prefill_step_size`,
+    `prompt_cache_size`, `prompt_cache_bytes`),
     `app_args` to `create_app` (`api_key`, `max_prompt_tokens`, `max_body_bytes`, `chat_template`).
     `log_level` sets both uvicorn's and the per-request log lines' level.
     """
