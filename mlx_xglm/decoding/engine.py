@@ -244,6 +244,12 @@ class BatchGenerator:
             if room < 1:
                 return
             take = min(room, self.prefill_batch_size, len(self._waiting))
+            if self.max_kv_size is not None:
+                # A window drops old columns while the longest row is read, which the shorter rows of a
+                # right-padded prefill may still need: there, a row with its own cache is prefilled alone.
+                cached = [i for i, r in enumerate(self._waiting[:take]) if r.cache is not None]
+                if cached:
+                    take = max(cached[0], 1)
             requests, self._waiting = self._waiting[:take], self._waiting[take:]
             rows = self._prefill(requests)
             if self._active is None:
