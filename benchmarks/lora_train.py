@@ -164,7 +164,7 @@ def main() -> None:
                 f"peak memory {result['peak_memory_gb']:.3f} GB",
                 flush=True,
             )
-    # A preloaded OpenBLAS can hang in its thread shutdown at exit (see README); the output is complete.
+    # A preloaded OpenBLAS can hang at exit (docs/performance.md); the output is complete.
     os._exit(0)
 
 

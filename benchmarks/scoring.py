@@ -86,7 +86,7 @@ def main() -> None:
         )
     n = args.texts * args.context
     print(f"score: {n / med['score']:.1f} tokens/s ({args.texts} x {args.context} tokens)")
-    # Preloaded OpenBLAS can hang in its thread shutdown at exit (see README); the output is complete.
+    # A preloaded OpenBLAS can hang at exit (docs/performance.md); the output is complete.
     os._exit(0)
 
 

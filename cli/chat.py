@@ -8,7 +8,8 @@ from contextlib import closing
 from itertools import chain
 
 from mlx_xglm import XGLMError
-from mlx_xglm.decoding.chat import DEFAULT_TEMPLATE, Conversation, split_template
+from mlx_xglm.decoding.chat import Conversation
+from mlx_xglm.tokenization.prompt import DEFAULT_TEMPLATE, split_template
 
 from .options import (
     add_adapter_arg,

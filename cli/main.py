@@ -159,8 +159,8 @@ def _flushed(code: int) -> int:
 def entry() -> None:
     """The `mlx-xglm` script: run `main`, flush the output, and leave with `os._exit`.
 
-    A normal interpreter exit waits for the thread pool of a preloaded OpenBLAS (the README's recipe for
-    float32 speed on Linux), which can hang forever; by then every output is written and flushed.
+    A normal interpreter exit waits for the thread pool of a preloaded OpenBLAS (the recipe for float32
+    speed on Linux in docs/performance.md), which can hang forever; by then every output is written.
     """
     try:
         code = main()

@@ -9,7 +9,7 @@ import mlx.core as mx
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from mlx_xglm import XGLMError, load, make_logits_processors, make_sampler
-from mlx_xglm.checkpoints.loading import resolve_model_path
+from mlx_xglm.checkpoints.hub import resolve_model_path
 from mlx_xglm.decoding.prefix_cache import DEFAULT_PROMPT_CACHE_SIZE
 from mlx_xglm.decoding.speculative import check_draft_model
 

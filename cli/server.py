@@ -6,7 +6,7 @@ import argparse
 import os
 
 from mlx_xglm import XGLMError
-from mlx_xglm.decoding.chat import DEFAULT_TEMPLATE, split_template
+from mlx_xglm.tokenization.prompt import DEFAULT_TEMPLATE, split_template
 
 from .options import (
     add_adapter_arg,

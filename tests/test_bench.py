@@ -21,7 +21,7 @@ from mlx_xglm.checkpoints import quantize_model
 
 def bench(*args):
     return subprocess.run(
-        [sys.executable, "-m", "mlx_xglm.cli", "bench", *args], capture_output=True, text=True
+        [sys.executable, "-m", "mlx_xglm.cli", "bench", *args], capture_output=True, text=True, timeout=300
     )
 
 

@@ -11,9 +11,11 @@ import sys
 
 import pexpect
 import pytest
+from xglm_fixtures import default_signals
 
 from mlx_xglm import XGLMError, load, make_prompt_cache, stream_generate
-from mlx_xglm.decoding.chat import Conversation, chat_prompt_ids
+from mlx_xglm.decoding.chat import Conversation
+from mlx_xglm.tokenization.prompt import chat_prompt_ids
 
 CLI = [sys.executable, "-m", "mlx_xglm.cli"]
 STATS = re.compile(rb"\[prompt: (\d+) tokens")
@@ -197,7 +199,9 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLX_XGLM_DEBUG"}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TERM="xterm")
     args = ["chat", "--model", str(tiny[0]), "--max-tokens", "100000"]
-    child = pexpect.spawn(CLI[0], [*CLI[1:], *args], env=env, timeout=60, dimensions=(40, 200))
+    child = pexpect.spawn(
+        CLI[0], [*CLI[1:], *args], env=env, timeout=60, dimensions=(40, 200), preexec_fn=default_signals
+    )
     child.expect_exact("User: ")
     child.sendline("Bonjour")
     child.expect(r"Assistant: \S{5}")

@@ -15,7 +15,7 @@ import mlx.core as mx
 import pexpect
 import pytest
 from mlx_xglm.cli.main import build_parser, error_line
-from xglm_fixtures import fill_hub_cache, hub_config, random_weights
+from xglm_fixtures import default_signals, fill_hub_cache, hub_config, random_weights
 
 from mlx_xglm import (
     XGLMError,
@@ -308,7 +308,7 @@ def test_version(mlx_xglm):
 
 def test_ctrl_c_keeps_the_text_prints_the_stats_and_exits_130(tiny, cli_env):
     args = ["generate", "--model", str(tiny[0]), "--prompt", PROMPT, "--max-tokens", "100000", "--temp", "1"]
-    child = pexpect.spawn(CLI[0], [*CLI[1:], *args], env=cli_env, timeout=60)
+    child = pexpect.spawn(CLI[0], [*CLI[1:], *args], env=cli_env, timeout=60, preexec_fn=default_signals)
     child.logfile_read = io.BytesIO()
     child.expect_exact("Reading the prompt")
     child.expect_exact("\x1b[?25h")  # the spinner is done

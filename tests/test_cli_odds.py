@@ -10,6 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from xglm_fixtures import child_process, read_within
 
 from mlx_xglm import load
 
@@ -135,14 +136,11 @@ def test_tiny_writes_the_checkpoint_the_tests_use(tiny_checkpoint, tmp_path):
 
 
 def test_bench_prints_each_trial_to_stderr_as_it_finishes():
-    proc = subprocess.Popen(
-        [*CLI, "bench", "--preset", "tiny", "--prompt-tokens", "64", "--gen-tokens", "300", "--trials", "3"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env(),
-    )
-    first = proc.stderr.readline()
-    running = proc.poll() is None
-    proc.communicate(timeout=120)
+    args = ["bench", "--preset", "tiny", "--prompt-tokens", "64", "--gen-tokens", "300", "--trials", "3"]
+    with child_process(
+        [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
+    ) as proc:
+        first = read_within(proc.stderr.readline, timeout=120)
+        running = proc.poll() is None
+        proc.communicate(timeout=120)
     assert first.startswith("trial 1/3: prompt ") and running

@@ -61,18 +61,19 @@ def converted(soft_checkpoint, tmp_path_factory):
     return make
 
 
+# Each bound is about 3x the KL measured on this fixture on the CPU (the figure after it).
 @pytest.mark.parametrize(
     ("options", "bound"),
     [
-        ({"dtype": "float32"}, 1e-9),
-        ({"dtype": "float16"}, 1e-4),
-        ({"dtype": "bfloat16"}, 1e-3),
-        ({"quantize": True, "q_bits": 8}, 1e-3),
-        ({"quantize": True, "q_bits": 4}, 0.05),
-        ({"quantize": True, "quant_predicate": "mixed_3_6"}, 0.05),
-        ({"quantize": True, "q_mode": "mxfp8"}, 0.01),
-        ({"quantize": True, "q_mode": "mxfp4"}, 0.05),
-        ({"quantize": True, "q_mode": "nvfp4"}, 0.05),
+        ({"dtype": "float32"}, 1e-9),  # 0: the same weights
+        ({"dtype": "float16"}, 2e-6),  # 6.7e-7
+        ({"dtype": "bfloat16"}, 1.5e-4),  # 4.9e-5
+        ({"quantize": True, "q_bits": 8}, 2e-4),  # 6.7e-5
+        ({"quantize": True, "q_bits": 4}, 0.045),  # 0.0156
+        ({"quantize": True, "quant_predicate": "mixed_3_6"}, 0.035),  # 0.0115
+        ({"quantize": True, "q_mode": "mxfp8"}, 0.004),  # 0.00125
+        ({"quantize": True, "q_mode": "mxfp4"}, 0.08),  # 0.0284
+        ({"quantize": True, "q_mode": "nvfp4"}, 0.05),  # 0.0168
     ],
 )
 def test_round_trip_stays_close_to_float32(converted, reference_log_probs, options, bound):
@@ -318,7 +319,8 @@ def test_distinct_lm_head_is_kept_untied(sp_model, tmp_path):
     hidden = model.model(mx.array(IDS))
     head = mx.array(weights["lm_head.weight"])
     expected = np.array(hidden @ head.T)
-    assert np.allclose(np.array(model(mx.array(IDS))), expected, atol=0.05 * np.abs(expected).max())
+    # The 8-bit head's error, measured: 0.179 at the largest logit 32.4 (0.55%); bound 2.7x that.
+    assert np.abs(np.array(model(mx.array(IDS))) - expected).max() < 0.015 * np.abs(expected).max()
 
 
 def untied_weights():
@@ -402,6 +404,7 @@ def run_cli(*args, cwd=None):
         text=True,
         env=env,
         cwd=cwd,
+        timeout=120,
     )
 
 
@@ -437,6 +440,7 @@ def test_top_level_script(soft_checkpoint, tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -142,16 +142,36 @@ def test_newlines_eos_reads_newlines_and_fewshot_separators_as_eos(eval_setup):
     assert lp == pytest.approx(expected.item(), abs=1e-4)
 
 
-def test_newlines_eos_generation_shows_eos_as_a_newline(eval_setup):
+@pytest.fixture(scope="module")
+def newline_checkpoint(make_checkpoint):
+    """A checkpoint whose greedy continuation of "Москва" holds one </s> between words: varied weights
+    with </s>'s embedding 1.8x as long, enough to win that step (by 5.4 logits) and no other."""
+    from xglm_fixtures import varied_weights
+
+    weights = varied_weights()
+    weights["model.embed_tokens.weight"][2] *= 1.8
+    return make_checkpoint(weights=weights)
+
+
+def test_newlines_eos_generation_shows_eos_as_a_newline_as_transformers_greedy(newline_checkpoint):
+    from reference import reference_logits, reference_model, reference_tokenizer
+
     from mlx_xglm.evaluation.harness import XGLMEvalModel
 
-    path = eval_setup[0]
-    model, tokenizer = load(path)
-    lm = XGLMEvalModel(pretrained=str(path), newlines="eos")
-    assert lm._decode(
-        [*tokenizer.encode("ab", add_special_tokens=False), 2, 2, 130]
-    ) == "ab\n\n" + tokenizer.decode([130])
-    (text,) = lm.generate_until([Request("Le renard brun", {"until": ["\n\n"], "max_gen_toks": 6})])
-    ids = tokenizer.encode("Le renard brun", newlines="eos")
-    greedy = generate(model, tokenizer, ids, max_tokens=6, newlines="eos")
-    assert text == greedy.split("\n\n")[0].strip()
+    hf_model, hf_tokenizer = reference_model(newline_checkpoint), reference_tokenizer(newline_checkpoint)
+    lm = XGLMEvalModel(pretrained=str(newline_checkpoint), newlines="eos")
+    ab = hf_tokenizer.encode("ab", add_special_tokens=False)
+    assert lm._decode([*ab, 2, 2, 130]) == "ab\n\n" + hf_tokenizer.decode([130])
+    (text,) = lm.generate_until([Request("Москва", {"until": ["\n\n"], "max_gen_toks": 10})])
+    ids, new = hf_tokenizer.encode("Москва"), []
+    for _ in range(10):  # transformers' greedy choice at each step; </s> is a newline, not the end
+        new.append(int(reference_logits(hf_model, [ids + new])[0, -1].argmax()))
+    assert new.count(2) == 1 and new[-1] != 2
+    lines, line = [], []
+    for token in new:
+        if token == 2:
+            lines.append(line)
+            line = []
+        else:
+            line.append(token)
+    assert text == "\n".join(hf_tokenizer.decode(x) for x in [*lines, line])

@@ -9,6 +9,7 @@ from huggingface_hub import constants
 from rich.console import Console
 
 from mlx_xglm import XGLMError, load
+from mlx_xglm.checkpoints.adapters import read_adapter
 from mlx_xglm.checkpoints.hub import snapshot
 
 REPO = "facebook/xglm-tiny"
@@ -86,3 +87,13 @@ def test_no_bar_without_a_terminal(online_hub, monkeypatch, tiny_checkpoint):
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: pytest.fail("asked the Hub"))
     assert snapshot(REPO, None, ["*.json"]) == str(tiny_checkpoint)
     assert calls == [(REPO,)]
+
+
+@pytest.mark.parametrize("name", ["./adapter", "~/adapter", "a/b/c", "adapter"])
+def test_an_adapter_path_that_is_no_folder_and_no_repo_id_is_not_asked_of_the_hub(monkeypatch, name):
+    # The adapter's path goes through the same repo-id rule as a model's: "./adapter" is a missing
+    # folder, not a Hub repository called "adapter" owned by ".".
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("asked the Hub"))
+    with pytest.raises(XGLMError, match="does not exist") as caught:
+        read_adapter(name)
+    assert caught.value.param == "adapter_path"

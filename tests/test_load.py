@@ -155,7 +155,7 @@ def test_hub_repo_id_uses_snapshot_download_with_allow_list(monkeypatch, tiny_ch
 def run_offline(hf_home, code):
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_hub_id_loads_offline_from_a_filled_cache(tmp_path, tiny_checkpoint):

@@ -76,6 +76,23 @@ def test_only_the_adapters_train(tiny_checkpoint):
     assert names == {f"{p}.{part}" for p in paths for part in ("lora_A", "lora_B")}
 
 
+def test_parameter_count_is_the_checkpoints_values_plus_the_adapters(tiny_checkpoint, tmp_path):
+    from safetensors.numpy import load_file
+
+    from mlx_xglm.tuning import trainable_parameters
+
+    stored = sum(v.size for v in load_file(str(tiny_checkpoint / "model.safetensors")).values())
+    convert(tiny_checkpoint, tmp_path / "q4", quantize=True, q_bits=4, verbose=False)
+    for path in (tiny_checkpoint, tmp_path / "q4"):
+        model, _ = load(path)
+        apply_lora(model, lora_config(model))
+        # Not counted: the arrays that only view these values (a fast path's fused q/k/v, weights transposed).
+        trainable, total = trainable_parameters(model)
+        # Rank 8 A and B on q/k/v/out_proj (64 -> 64) and fc1, fc2 (64 <-> 128) of both layers.
+        lora = 2 * 8 * (4 * (64 + 64) + 2 * (64 + 128))
+        assert (trainable, total) == (lora, stored + lora)
+
+
 def test_a_few_dozen_steps_lower_the_training_loss(tiny_checkpoint, text_data):
     model, tokenizer = load(tiny_checkpoint)
     apply_lora(model, lora_config(model))
@@ -259,7 +276,9 @@ def test_fusing_into_a_quantized_model_keeps_the_adapter(tiny_checkpoint, traine
     assert "quantization" not in json.loads((floats / "config.json").read_text())
     target, moved = logits(with_adapter), np.abs(logits(with_adapter) - logits(base)).max()
     assert np.abs(logits(load(floats)[0]) - target).max() < 1e-4
-    assert np.abs(logits(load(kept)[0]) - target).max() < 0.1 * moved
+    # Fusing into 8-bit weights re-quantizes them, measured: 0.065 off while the adapter moves the
+    # logits by 74.0 (0.088%); bound 2.8x that.
+    assert np.abs(logits(load(kept)[0]) - target).max() < 0.0025 * moved
 
 
 def test_bad_lora_settings_name_their_parameter(tiny_checkpoint):

@@ -12,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from lora_fixtures import data_folder
+from xglm_fixtures import child_process, read_within
 
 from mlx_xglm import generate, load
 
@@ -171,12 +172,13 @@ def test_ctrl_c_saves_the_adapter_and_exits_130(tiny_checkpoint, data, tmp_path)
     args = ["lora", "--model", tiny_checkpoint, "--train", "--data", data, "--iters", 100000]
     args += ["--steps-per-report", 1, "--save-every", 100000, "--adapter-path", tmp_path / "a"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, text=True, env=env) as process:
-        for line in process.stdout:
-            if line.startswith("Iter 2: Train loss"):
-                break
+    with child_process([*CLI, *map(str, args)], stdout=subprocess.PIPE, text=True, env=env) as process:
+        line = ""
+        while not line.startswith("Iter 2: Train loss"):
+            line = read_within(process.stdout.readline, timeout=120)
+            assert line, "lora ended before step 2"
         process.send_signal(signal.SIGINT)
-        rest = process.stdout.read()
-    assert process.wait(timeout=60) == 130
+        rest, _ = process.communicate(timeout=60)
+    assert process.returncode == 130
     assert "Saved adapter weights" in rest and "Interrupted: the adapter of the last finished step" in rest
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()

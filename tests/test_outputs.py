@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from xglm_fixtures import child_process, read_within
 
 from mlx_xglm import XGLMError, convert, load, make_prompt_cache, save_prompt_cache
 from mlx_xglm.outputs import remove_stale_partials, staged_file, staged_folder
@@ -35,17 +36,17 @@ def clean_env():
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_mid_convert_leaves_nothing_behind(tiny_checkpoint, tmp_path, signum):
     out = tmp_path / "out" / "converted"
-    proc = subprocess.Popen(
+    with child_process(
         [sys.executable, "-c", CONVERT_THAT_WAITS, str(tiny_checkpoint), str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=clean_env(),
-    )
-    assert proc.stdout.readline() == "writing\n"
-    assert [p.name for p in out.parent.iterdir()][0].startswith(".converted.")  # the hidden folder
-    proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=60)
+    ) as proc:
+        assert read_within(proc.stdout.readline, timeout=120) == "writing\n"
+        assert [p.name for p in out.parent.iterdir()][0].startswith(".converted.")  # the hidden folder
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum, stderr
     assert list(out.parent.iterdir()) == []
     assert "Traceback" not in stderr
@@ -53,7 +54,7 @@ def test_a_signal_mid_convert_leaves_nothing_behind(tiny_checkpoint, tmp_path, s
 
 def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
+    proc.wait(timeout=30)
     return proc.pid
 
 
@@ -122,11 +123,13 @@ def small_disk(tmp_path):
         pytest.skip("mounting a small tmpfs needs root")
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", disk], capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", disk], capture_output=True, timeout=30
+    )
     if mounted.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     yield disk
-    subprocess.run(["umount", disk], check=True)
+    subprocess.run(["umount", disk], check=True, timeout=30)
 
 
 def test_a_full_disk_during_convert_is_one_line_naming_the_output(tiny_checkpoint, small_disk):
@@ -145,7 +148,7 @@ def test_a_full_disk_during_convert_is_one_line_naming_the_output(tiny_checkpoin
 
 
 def test_a_read_only_folder_for_the_prompt_cache_is_refused_before_generating(tiny_checkpoint, small_disk):
-    subprocess.run(["mount", "-o", "remount,ro", small_disk], check=True)
+    subprocess.run(["mount", "-o", "remount,ro", small_disk], check=True, timeout=30)
     cache = small_disk / "c.safetensors"
     result = subprocess.run(
         [sys.executable, "-m", "mlx_xglm.cli", "generate", "--model", tiny_checkpoint, "--prompt", "x"]
@@ -160,6 +163,6 @@ def test_a_read_only_folder_for_the_prompt_cache_is_refused_before_generating(ti
 
 
 def test_a_read_only_filesystem_during_convert_names_the_output(tiny_checkpoint, small_disk):
-    subprocess.run(["mount", "-o", "remount,ro", small_disk], check=True)
+    subprocess.run(["mount", "-o", "remount,ro", small_disk], check=True, timeout=30)
     with pytest.raises(XGLMError, match=rf"cannot write {small_disk / 'out'}: Read-only file system"):
         convert(tiny_checkpoint, small_disk / "out", verbose=False)

@@ -86,6 +86,13 @@ def test_invalid_sampler_values_are_named(kwargs, name):
     assert error.value.param == name
 
 
+def test_a_bad_value_is_a_value_error_that_names_its_parameter():
+    # Python callers catch ValueError for a bad value; the project's one error type is one.
+    with pytest.raises(ValueError, match="temp") as error:
+        make_sampler(temp=-1)
+    assert isinstance(error.value, XGLMError) and error.value.param == "temp"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [

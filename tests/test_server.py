@@ -12,7 +12,7 @@ from reference import reference_logits, reference_model
 from xglm_fixtures import ServerProcess
 
 from mlx_xglm import generate
-from mlx_xglm.decoding.chat import chat_prompt_ids
+from mlx_xglm.tokenization.prompt import chat_prompt_ids
 
 openai = pytest.importorskip("openai")
 

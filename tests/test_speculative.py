@@ -232,7 +232,7 @@ def test_the_command_line_generates_the_same_text_with_a_draft_model(lively_chec
     def run(*extra):
         args = ["generate", "--model", str(lively_checkpoint), "--prompt", "Hello", "-m", "12", "--json"]
         out = subprocess.run(
-            [sys.executable, "-m", "mlx_xglm.cli", *args, *extra], capture_output=True, text=True
+            [sys.executable, "-m", "mlx_xglm.cli", *args, *extra], capture_output=True, text=True, timeout=120
         )
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
@@ -248,7 +248,9 @@ def test_the_command_line_refuses_a_draft_with_another_vocabulary(lively_checkpo
 
     other = make_checkpoint(vocab_size=1200)
     args = ["generate", "--model", str(lively_checkpoint), "--prompt", "Hi", "--draft-model", str(other)]
-    out = subprocess.run([sys.executable, "-m", "mlx_xglm.cli", *args], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "mlx_xglm.cli", *args], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 1
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith("error: --draft-model ") and "vocabulary has 1200 tokens" in line

@@ -16,6 +16,7 @@ from reference import reference_logits, reference_model
 from xglm_fixtures import hub_config, random_weights, write_tokenizer_files
 
 from mlx_xglm import XGLMError, convert, load
+from mlx_xglm.checkpoints.adapters import read_adapter_weights
 from mlx_xglm.checkpoints.torch_bin import read_torch_bin
 from mlx_xglm.model.positions import sinusoidal_table
 
@@ -105,7 +106,7 @@ def test_convert_without_torch_equals_the_safetensors_result(fp16_bin, tmp_path)
         f"convert({str(fp16_bin)!r}, {str(tmp_path / 'from_bin')!r}, verbose=False)\n"
         "assert sys.modules['torch'] is None\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     from_bin = mx.load(str(tmp_path / "from_bin" / "model.safetensors"))
     from_safetensors = mx.load(str(tmp_path / "from_safetensors" / "model.safetensors"))
@@ -142,11 +143,20 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, sp_model):
     marker = tmp_path / "ran"
     folder = bin_checkpoint(tmp_path / "evil", sp_model)
     zip_checkpoint(folder / "pytorch_model.bin", pickle.dumps(RunsACommand(marker), protocol=2))
-    with pytest.raises(XGLMError, match=r"refusing to load .*pytorch_model\.bin.*(posix|os)\.system"):
+    with pytest.raises(XGLMError, match=r"^refusing to load .*pytorch_model\.bin.*(posix|os)\.system"):
         load(folder)
     with pytest.raises(XGLMError, match="refusing"):
         convert(folder, tmp_path / "out", verbose=False)
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_legacy_adapter_bin_that_runs_code_is_refused_in_its_own_words(tmp_path):
+    # XGLMError is a ValueError: the adapter reader's `except ValueError` must not re-word this refusal.
+    marker = tmp_path / "ran"
+    zip_checkpoint(tmp_path / "adapter_model.bin", pickle.dumps(RunsACommand(marker), protocol=2))
+    with pytest.raises(XGLMError, match=r"^refusing to load .*adapter_model\.bin"):
+        read_adapter_weights(tmp_path)
+    assert not marker.exists()
 
 
 def test_a_hostile_global_inside_a_state_dict_is_refused(tmp_path):
@@ -211,6 +221,7 @@ def test_cli_reports_a_truncated_bin_in_one_line(fp16_bin, tmp_path):
         text=True,
         cwd=tmp_path,
         env={**os.environ, "MLX_XGLM_DEBUG": ""},
+        timeout=120,
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "pytorch_model.bin" in result.stderr

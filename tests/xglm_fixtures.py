@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +59,20 @@ def hub_config(**overrides) -> dict:
     }
     config.update(overrides)
     return config
+
+
+def varied_weights(scale_embedding: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
+    """Weights whose greedy tokens vary: MLP outputs 64x and attention outputs 8x stronger than drawn.
+
+    With weights as drawn, the residual stream is dominated by the input token's own (tied) embedding,
+    or a few tokens attract every path, and greedy decoding repeats one token."""
+    weights = random_weights(hub_config(scale_embedding=scale_embedding), seed=seed)
+    for name in weights:
+        if name.endswith("fc2.weight"):
+            weights[name] *= 64
+        elif name.endswith("out_proj.weight"):
+            weights[name] *= 8
+    return weights
 
 
 def write_tokenizer_files(folder: Path, sp_model: Path) -> None:
@@ -162,11 +180,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def default_signals() -> None:
+    """A child's `preexec_fn`: SIGINT, SIGTERM and SIGHUP back at their default actions.
+
+    A test run started where they are ignored (a background shell ignores SIGINT, nohup SIGHUP) hands
+    SIG_IGN down to its children, and Python then installs no KeyboardInterrupt handler: a test that
+    signals its child would wait on a child that never hears the signal."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+@contextmanager
+def child_process(args: list, **popen_kwargs):
+    """`subprocess.Popen(args)` with default signal actions, killed on the way out if it still runs."""
+    process = subprocess.Popen(args, preexec_fn=default_signals, **popen_kwargs)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
+
+
+def read_within(read, timeout: float):
+    """`read()` (a pipe's `readline` or `read`), failing after `timeout` seconds.
+
+    A pipe read has no limit of its own, so it runs in a daemon thread; once the child is killed (as
+    `child_process` does on the way out) the read ends at end of file and the thread with it."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(read()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not result:
+        raise TimeoutError(f"no output from the child within {timeout} s")
+    return result[0]
+
+
 class ServerProcess:
     """`mlx-xglm server` in a child process on a free localhost port, ready once /health answers."""
 
     def __init__(self, model: Path, *flags: str, startup_timeout: float = 60.0):
-        import subprocess
         import sys
         import tempfile
         import time
@@ -177,7 +230,9 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (open while the server lives)
         command = [sys.executable, "-m", "mlx_xglm.cli", "server", "--model", str(model), "--port"]
-        self.process = subprocess.Popen([*command, str(self.port), *flags], stderr=self.log, stdout=self.log)
+        self.process = subprocess.Popen(
+            [*command, str(self.port), *flags], stderr=self.log, stdout=self.log, preexec_fn=default_signals
+        )
         deadline = time.monotonic() + startup_timeout
         headers = (
             {"Authorization": f"Bearer {flags[flags.index('--api-key') + 1]}"} if "--api-key" in flags else {}

@@ -22,6 +22,7 @@ from mlx.utils import tree_unflatten
 from ..errors import XGLMError
 from ..model.lora import LoRALinear
 from ..outputs import save_safetensors, staged_file
+from .hub import looks_like_repo_id, resolve_model_path
 from .json_files import read_json_object
 from .torch_bin import read_torch_bin
 
@@ -120,13 +121,10 @@ def read_config(file: Path) -> LoraConfig:
 
 
 def _adapter_folder(adapter_path: str | Path) -> Path:
-    from .loading import resolve_model_path
-
     path = Path(adapter_path).expanduser()
-    # Not a folder, and not a Hub repo id ("owner/name") either.
     if path.is_file():
         raise XGLMError(f"adapter_path {path} is a file; pass the folder that holds it", param="adapter_path")
-    if not path.is_dir() and str(adapter_path).count("/") != 1:
+    if not path.is_dir() and not looks_like_repo_id(str(adapter_path)):
         raise XGLMError(f"adapter_path {path} does not exist", param="adapter_path")
     return resolve_model_path(adapter_path, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, LEGACY_WEIGHTS_FILE])
 
@@ -156,6 +154,8 @@ def read_adapter_weights(path: Path) -> dict[str, dict[str, mx.array]]:
             tensors = {k: v.load() for k, v in read_torch_bin(file).items()}
         else:
             tensors = mx.load(str(file))
+    except XGLMError:  # a ValueError, but read_torch_bin's own, which already says what is wrong
+        raise
     except (RuntimeError, ValueError, OSError) as e:
         raise XGLMError(f"{file} is not a readable adapter weights file ({e})") from None
     modules: dict[str, dict[str, mx.array]] = {}

@@ -23,7 +23,8 @@ from ..errors import XGLMError
 from ..model.xglm import XGLMConfig
 from ..outputs import save_safetensors, staged_folder
 from ..tokenization.tokenizer import VOCAB_FILE
-from .loading import DTYPES, HUB_ALLOW_PATTERNS, open_checkpoint, read_tensor, resolve_model_path
+from .hub import HUB_ALLOW_PATTERNS, resolve_model_path
+from .loading import DTYPES, open_checkpoint, read_tensor
 from .model_card import model_card
 from .quantize import module_settings, quant_settings, quantize_model
 

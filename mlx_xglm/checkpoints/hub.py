@@ -1,4 +1,5 @@
-"""Hub downloads, shown on a terminal as one rich progress bar of the bytes still to fetch."""
+"""From a local folder or Hub repo id to a checkpoint folder: Hub downloads, shown on a terminal as one rich
+progress bar of the bytes still to fetch, and their errors as XGLMError."""
 
 from __future__ import annotations
 
@@ -17,6 +18,81 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+
+from ..errors import XGLMError
+from ..tokenization.tokenizer import VOCAB_FILE
+
+# What a checkpoint folder needs; everything else in a Hub repository (flax, tf, rust weights) is skipped.
+HUB_ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    # Every facebook/xglm-* repository ships only this on its main branch.
+    "pytorch_model.bin",
+    VOCAB_FILE,
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+]
+
+
+def looks_like_repo_id(name: str) -> bool:
+    """True for an "owner/name" that is not a relative or home path: what the Hub would be asked for."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def resolve_model_path(
+    path_or_repo: str | Path, revision: str | None = None, allow_patterns: list[str] | None = None
+) -> Path:
+    """A local checkpoint folder, downloading `path_or_repo` from the Hub when it is a repo id."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise XGLMError(
+                f"revision {revision!r} applies to Hub repo ids, but {path} is a local folder; drop it",
+                param="revision",
+            )
+        return path
+    if path.exists():
+        raise XGLMError(f"{path} is a file; pass the checkpoint folder that contains it")
+    name = str(path_or_repo)
+    if not looks_like_repo_id(name):
+        raise XGLMError(f"model folder {name} does not exist")
+    return _download(name, revision, allow_patterns or HUB_ALLOW_PATTERNS)
+
+
+def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> Path:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot(repo_id, revision, allow_patterns))
+    except GatedRepoError:
+        raise XGLMError(
+            f"Hub repository {repo_id} is gated; accept its terms on huggingface.co and log in "
+            "with `hf auth login`"
+        ) from None
+    except RevisionNotFoundError:
+        raise XGLMError(
+            f"revision {revision!r} not found in Hub repository {repo_id}", param="revision"
+        ) from None
+    except RepositoryNotFoundError:
+        raise XGLMError(f"{repo_id} is neither a local folder nor a Hub repository you can access") from None
+    except HFValidationError:
+        raise XGLMError(f"model folder {repo_id} does not exist") from None
+    except LocalEntryNotFoundError:
+        raise XGLMError(
+            f"{repo_id} is not in the local Hub cache and the Hub cannot be reached (offline); "
+            "download it once while online, or pass a local checkpoint folder"
+        ) from None
+    except OSError as e:
+        raise XGLMError(f"could not download {repo_id}: {e}") from None
 
 
 def snapshot(

@@ -3,7 +3,7 @@
 The tokenizer is a sentencepiece BPE model trained on a short text in more than ten scripts
 (`data/multilingual.txt`) with the ids of fairseq's models; the weights are random, drawn large so that
 next-token margins are wide and greedy decoding is stable. It is the checkpoint the test suite builds
-(`tests/xglm_fixtures.py`; a test checks they agree), so the README's example outputs come from it.
+(`tests/xglm_fixtures.py`; a test checks they agree), so the examples in docs/ run on it.
 """
 
 from __future__ import annotations

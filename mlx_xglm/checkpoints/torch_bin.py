@@ -249,6 +249,8 @@ def read_torch_bin(path: str | Path) -> dict[str, TorchTensor]:
         archive = _Archive(path, zf, pkl.split("/")[0])
         with zf.open(pkl) as f:
             state = _RestrictedUnpickler(f, archive).load()
+    except XGLMError:  # a ValueError, but one that already says what is wrong
+        raise
     except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError) as e:
         raise XGLMError(f"{path} is truncated or corrupt ({e}); download it again") from None
     if not isinstance(state, dict) or not all(isinstance(v, TorchTensor) for v in state.values()):

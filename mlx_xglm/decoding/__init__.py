@@ -11,7 +11,7 @@ from .cache import (
     trim_prompt_cache,
 )
 from .cache_files import model_fingerprint
-from .chat import Conversation, chat_prompt_ids
+from .chat import Conversation
 from .engine import BatchGenerator, BatchStats, Response
 from .generate import generate, generate_step, stream_generate
 from .sample_utils import make_logits_processors, make_sampler
@@ -25,7 +25,6 @@ __all__ = [
     "batch_generate",
     "cached_tokens",
     "can_trim_prompt_cache",
-    "chat_prompt_ids",
     "check_draft_model",
     "generate",
     "generate_step",

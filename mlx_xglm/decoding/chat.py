@@ -1,4 +1,4 @@
-"""A chat transcript for a base model: built from messages, or read into one KV cache a turn at a time.
+"""A chat with a base model, read into one KV cache a turn at a time.
 
 XGLM never saw chat data. It saw documents in which every newline had been turned into `</s>`, so a
 transcript like
@@ -10,22 +10,19 @@ is written for it as `</s> User: Bonjour ! </s> Assistant: Bonjour, comment alle
 each line of the template is a "paragraph", a reply ends where the model ends its line (`</s>`), and the
 next turn continues after it. Because `</s>` is a special token the tokenizer cuts the text at it, so the
 ids of a turn do not depend on the turns before: the cache can keep what it has read, and each turn reads
-only its own new text. `chat_prompt_ids` writes a whole list of messages the same way (the server's chat
-endpoint); `Conversation` keeps one going turn by turn (`mlx-xglm chat`).
+only its own new text. `Conversation` keeps one going turn by turn (`mlx-xglm chat`); the template itself,
+and `chat_prompt_ids` that writes a whole list of messages the same way (the server's chat endpoint), live
+with the tokenizer's prompt code in tokenization/prompt.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
-from ..errors import XGLMError
-from ..tokenization import prompt_ids
+from ..tokenization.prompt import DEFAULT_TEMPLATE, PLACEHOLDER, prompt_ids, split_template, user_marker
 from .cache import cached_tokens, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from .generate import GenerationResponse, stream_generate
 from .prefix_cache import DEFAULT_PROMPT_CACHE_SIZE, PrefixCache
-
-DEFAULT_TEMPLATE = "User: {message}\nAssistant:"
-PLACEHOLDER = "{message}"
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -37,49 +34,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def split_template(template: str) -> tuple[str, str]:
-    """The template's text before and after `{message}`; an XGLMError unless it has exactly one."""
-    if template.count(PLACEHOLDER) != 1:
-        raise XGLMError(
-            f"template must contain {PLACEHOLDER} exactly once, got {template!r}", param="template"
-        )
-    before, after = template.split(PLACEHOLDER)
-    return before, after
-
-
-def user_marker(template: str) -> str:
-    """The text a user turn starts with (the template before `{message}`, stripped): where a reply ends."""
-    return split_template(template)[0].strip()
-
-
 def _encode_lines(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False, newlines="eos")
-
-
-def chat_prompt_ids(
-    tokenizer, messages: Iterable[tuple[str, str]], template: str = DEFAULT_TEMPLATE
-) -> list[int]:
-    """The ids of a transcript of `(role, content)` messages, ready for the next reply.
-
-    As `Conversation` writes it: the document's `</s>`, then a "user" message as `template` with its
-    content in place of `{message}` (the template ends with the assistant's label, so the model answers
-    next); an "assistant" message as its content ending its line (`</s>`); a "system" message as a line of
-    its own. Newlines inside any content become `</s>`.
-    """
-    split_template(template)
-    ids: list[int] = []
-    for role, content in messages:
-        if role == "user":
-            text = template.replace(PLACEHOLDER, content)
-        elif role in ("assistant", "system"):
-            text = content
-        else:
-            raise XGLMError(f"unknown chat role {role!r}; use 'system', 'user' or 'assistant'", param="role")
-        # The first message starts the document and gets its leading </s> from the one policy.
-        ids += prompt_ids(tokenizer, text, len(ids), newlines="eos")
-        if role != "user":
-            ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 class Conversation:

@@ -30,17 +30,23 @@ def generation_stream() -> mx.Stream:
 CLEAR_CACHE_EVERY = 256
 
 
-def sample(
-    logits: mx.array,
-    samplers: list[Sampler],
-    processors: list[list[LogitsProcessor] | None],
-    histories: list[mx.array | None],
-) -> tuple[mx.array, mx.array]:
-    """Tokens [B] and log-probabilities [B, vocab] from last-position `logits` [B, vocab], row by row.
+def prefill_chunks(model, inputs: mx.array, cache: list, step_size: int) -> mx.array:
+    """Read `inputs` [B, W] into `cache` `step_size` positions at a time, evaluating each chunk before the
+    next, and return the last chunk (1 to `step_size` positions), not read: the caller reads it with
+    whatever it needs of that call (the next token's logits, a draft's proposals)."""
+    while inputs.shape[1] > step_size:
+        model(inputs[:, :step_size], cache=cache)
+        mx.eval([c.state for c in cache])
+        inputs = inputs[:, step_size:]
+        mx.clear_cache()
+    return inputs
 
-    Row b's processors see `histories[b]` (its prompt and the tokens generated so far) and its own logits;
-    rows sharing a sampler are sampled in one call.
-    """
+
+def row_logprobs(
+    logits: mx.array, processors: list[list[LogitsProcessor] | None], histories: list[mx.array | None]
+) -> mx.array:
+    """Log-probabilities [B, vocab] from `logits` [B, vocab]: row b's processors see `histories[b]` (its
+    prompt and the tokens generated so far) and its own logits, then each row is normalized."""
     if any(processors):
         rows = []
         for b, row_processors in enumerate(processors):
@@ -49,7 +55,20 @@ def sample(
                 row = processor(histories[b], row)
             rows.append(row)
         logits = mx.concatenate(rows, axis=0)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def sample(
+    logits: mx.array,
+    samplers: list[Sampler],
+    processors: list[list[LogitsProcessor] | None],
+    histories: list[mx.array | None],
+) -> tuple[mx.array, mx.array]:
+    """Tokens [B] and log-probabilities [B, vocab] from last-position `logits` [B, vocab], row by row.
+
+    The log-probabilities are `row_logprobs`'; rows sharing a sampler are sampled in one call.
+    """
+    logprobs = row_logprobs(logits, processors, histories)
     groups: dict[int, list[int]] = {}
     for b, s in enumerate(samplers):
         groups.setdefault(id(s), []).append(b)
@@ -90,11 +109,7 @@ class Rows:
         """
         with mx.stream(generation_stream()):
             if lengths is None:
-                while inputs.shape[1] > step_size:
-                    model(inputs[:, :step_size], cache=self.cache)
-                    mx.eval([c.state for c in self.cache])
-                    inputs = inputs[:, step_size:]
-                    mx.clear_cache()
+                inputs = prefill_chunks(model, inputs, self.cache, step_size)
                 logits = model(inputs, cache=self.cache, logits_to_keep=1)[:, -1, :]
             else:
                 logits = self._prefill_right_padded(model, inputs, step_size, lengths)

@@ -18,7 +18,7 @@ import mlx.core as mx
 from ..errors import XGLMError
 from ..model.cache import RotatingKVCache
 from .cache import check_prompt_cache, make_prompt_cache
-from .rows import CLEAR_CACHE_EVERY, generation_stream
+from .rows import CLEAR_CACHE_EVERY, generation_stream, prefill_chunks, row_logprobs
 from .sample_utils import LogitsProcessor, Sampler, greedy
 
 
@@ -92,7 +92,7 @@ def accept_draft(
     """
     k = draft_tokens.size
     if sampler is greedy:
-        choice = mx.argmax(logprobs, axis=-1)
+        choice = greedy(logprobs)
         accepted = choice[:k] == draft_tokens
     elif k == 0:
         return mx.array(0), sampler(logprobs)[0]
@@ -149,20 +149,17 @@ def speculative_generate_step(
     start, prompt_size = model_cache[0].offset, prompt.size
     history = prompt  # the tokens logits processors see: the prompt and every accepted token
 
-    def process(logits: mx.array, *context: mx.array) -> mx.array:
-        if logits_processors:
-            tokens = mx.concatenate([history, *context])
-            for processor in logits_processors:
-                logits = processor(tokens, logits)
-        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    def seen(*proposals: mx.array) -> mx.array | None:
+        # What the processors see at the row after `proposals`: the history, then those proposals.
+        return mx.concatenate([history, *proposals]) if logits_processors else None
 
     def draft(inputs: mx.array, k: int) -> tuple[mx.array, mx.array | None]:
         tokens, dists = [], []
         for _ in range(k):
             logits = draft_model(inputs[None], cache=draft_cache, logits_to_keep=1)[:, -1, :]
-            logprobs = process(logits, *tokens)
+            logprobs = row_logprobs(logits, [logits_processors], [seen(*tokens)])
             if sampler is greedy:
-                inputs = mx.argmax(logprobs, axis=-1)
+                inputs = greedy(logprobs)
             else:
                 dists.append(sampler.distribution(logprobs))
                 inputs = mx.random.categorical(dists[-1], axis=-1)
@@ -173,25 +170,21 @@ def speculative_generate_step(
     def verify(inputs: mx.array, proposals: mx.array) -> mx.array:
         k = proposals.size
         logits = model(mx.concatenate([inputs, proposals])[None], cache=model_cache, logits_to_keep=k + 1)[0]
-        if not logits_processors:
-            return process(logits)
-        rows = [process(logits[i : i + 1], proposals[:i]) for i in range(k + 1)]
-        return mx.concatenate(rows, axis=0)
+        # Row i of the logits follows the first i proposals.
+        seen_rows = [seen(proposals[:i]) for i in range(k + 1)] if logits_processors else [None] * (k + 1)
+        return row_logprobs(logits, [logits_processors] * (k + 1), seen_rows)
 
     with mx.stream(generation_stream()):
-        while prompt.size > prefill_step_size:
-            for m, cache in ((model, model_cache), (draft_model, draft_cache)):
-                m(prompt[:prefill_step_size][None], cache=cache)
-                mx.eval([c.state for c in cache])
-            prompt = prompt[prefill_step_size:]
-            mx.clear_cache()
+        # The prompt's last chunk is read with the first round's proposals.
+        rest = prefill_chunks(model, prompt[None], model_cache, prefill_step_size)
+        prefill_chunks(draft_model, prompt[None], draft_cache, prefill_step_size)
         if max_tokens == 0:
-            model(prompt[None], cache=model_cache)
-            draft_model(prompt[None], cache=draft_cache)
+            model(rest, cache=model_cache, logits_to_keep=1)
+            draft_model(rest, cache=draft_cache, logits_to_keep=1)
             mx.eval([c.state for c in model_cache + draft_cache])
             return
 
-    pending, draft_pending = prompt, prompt
+    pending = draft_pending = rest[0]
     produced = 0
     try:
         while produced < max_tokens:

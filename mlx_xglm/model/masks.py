@@ -1,6 +1,6 @@
 """Attention masks and token positions, in one place for the model, its full forward and the decoders.
 
-A mask is None (every key visible), "causal" (the fused kernel's own causal mask, aligned to the end of
+A mask is None (every key visible), "causal" (the attention kernel's own causal mask, aligned to the end of
 the keys), or an array broadcastable to [B, heads, L, S]: boolean (True = may attend) or additive (0 or
 -inf). Positions are 0-based; a pad token gets -1, which reads the zero row of XGLM's position table.
 Everything a decoding step needs is computed from sizes the host knows: nothing is read back from the

@@ -40,8 +40,8 @@ class XGLMAttention(nn.Module):
         """Attention output [B, L, d_model]; `mask` is None, "causal", boolean or additive over [L, S].
 
         `head_mask` [heads] scales each head's probabilities; a list `attentions` receives them [B, heads,
-        L, S]. Either, or attention dropout in training mode, spells the attention out; otherwise the fused
-        kernel runs.
+        L, S]. Either, or attention dropout in training mode, spells the attention out; otherwise MLX's
+        attention kernel (`mx.fast.scaled_dot_product_attention`) runs.
         """
         B, L, _ = x.shape
         q, k, v = (

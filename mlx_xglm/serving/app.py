@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
-from ..decoding.chat import DEFAULT_TEMPLATE, split_template
+from ..tokenization.prompt import DEFAULT_TEMPLATE, split_template
 from .chat_completions import create_chat_completion
 from .completions import create_completion
 from .engine import Engine

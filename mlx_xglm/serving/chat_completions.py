@@ -12,7 +12,7 @@ import uuid
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..decoding.chat import user_marker
+from ..tokenization.prompt import user_marker
 from .choices import Choice, chat_logprobs
 from .errors import APIError
 from .generation import Generation, sampling_from, sse, sse_error

@@ -17,7 +17,6 @@ from ..decoding.cache import make_prompt_cache
 from ..decoding.engine import BatchGenerator
 from ..decoding.prefix_cache import DEFAULT_PROMPT_CACHE_SIZE, PrefixCache
 from ..decoding.sample_utils import make_logits_processors
-from ..errors import XGLMError
 from .errors import APIError
 from .jobs import Failed, Job, Token, row_samplers
 from .scoring import prompt_logprobs, top_logprobs
@@ -206,7 +205,7 @@ class Engine:
         except Exception as e:
             log.exception("could not start a request")
             self._release(job.n)
-            job.post(Failed(APIError(400 if isinstance(e, ValueError | XGLMError) else 500, str(e))))
+            job.post(Failed(APIError(400 if isinstance(e, ValueError) else 500, str(e))))  # XGLMError too
             return
         job.uids = list(uids)
         self._counts["prompt_tokens_total"] += len(job.prompt) * job.n

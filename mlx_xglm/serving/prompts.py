@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..decoding.chat import chat_prompt_ids
 from ..tokenization import prompt_ids
+from ..tokenization.prompt import chat_prompt_ids
 from .errors import APIError
 from .protocol import ChatMessage
 

@@ -16,7 +16,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..checkpoints.convert import MAX_SHARD_BYTES, copy_side_files, save_weights, upload_to_hub
-from ..checkpoints.loading import load_config, load_model, resolve_model_path
+from ..checkpoints.hub import resolve_model_path
+from ..checkpoints.loading import load_config, load_model
 from ..checkpoints.model_card import model_card
 from ..errors import XGLMError
 from ..model.lora import LoRALinear, dequantized_weight

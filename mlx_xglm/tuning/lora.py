@@ -100,11 +100,14 @@ def resume_adapter(model: nn.Module, modules: dict, source: str) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a quantized weight counts as the values it stands for."""
+    """(trainable, total) parameter counts; a quantized weight counts as the values it stands for.
+
+    Only parameters count: a module's underscored arrays (the fast path's fused q/k/v buffer and
+    transposed weight views) are other names for the same values, not more of them."""
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     total = 0
     for _, module in model.named_modules():
-        own = {k: v for k, v in module.items() if isinstance(v, mx.array)}
+        own = {k: v for k, v in module.items() if isinstance(v, mx.array) and not k.startswith("_")}
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             own.pop("scales")
             own.pop("biases", None)
