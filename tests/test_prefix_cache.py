@@ -72,6 +72,18 @@ def test_a_finished_rows_cache_continues_its_text(lively, prompts):
         assert row + cont[:4] == alone(model, ids, 10)[: len(row) + 4]
 
 
+def test_a_finished_rows_cache_keeps_the_generators_window(lively, prompts):
+    model, _ = lively
+    ids = prompts[0][:40]
+    gen = BatchGenerator(model, max_tokens=4, max_kv_size=16)
+    (row,), _, (cache,) = run(gen, gen.insert([ids]))
+    assert cache[0].offset == len(ids) + 4 and cache[0].max_size == 16
+    more = BatchGenerator(model, max_tokens=3, max_kv_size=16)
+    (cont,), _, _ = run(more, more.insert([[5, 6]], caches=[cache]))
+    whole = [t for t, _ in generate_step(mx.array(ids + row + [5, 6]), model, max_tokens=3, max_kv_size=16)]
+    assert cont == whole
+
+
 def _trimmed(layer, n):
     copy = type(layer).from_state(layer.state, layer.meta_state)
     copy.trim(n)
