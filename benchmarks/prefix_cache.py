@@ -124,7 +124,8 @@ def main() -> None:
         for trial in range(args.trials):
             for a, b in zip(scores["cached", trial], scores["plain", trial], strict=True):
                 a, b = np.array(a), np.array(b)
-                gaps.append((float(np.max(np.abs(a - b))), float(np.max(np.abs(a - b) / np.abs(b)))))
+                gap = float(np.max(np.abs(a - b)))
+                gaps.append((gap, gap / float(np.max(np.abs(b)))))
                 sizes.append(float(np.mean(np.abs(b))))
     load = Path("/proc/loadavg").read_text().split()[:3]
     hit, other = statistics.median(hits), statistics.median(unrelated)
@@ -139,7 +140,7 @@ def main() -> None:
         f"request as long | {hit:.3f} s | {other:.3f} s | {hit / other:.2f}x |",
         f"| 4 echo requests, {args.context}-token shared context (--prompt-cache-size 0 without) "
         f"| {echo_cached:.2f} s | {echo_plain:.2f} s | {echo_cached / echo_plain:.2f}x |",
-        f"| largest echo log-probability difference, absolute (relative) | "
+        f"| largest echo log-probability difference, absolute (relative to the largest) | "
         f"{max(g for g, _ in gaps):.1e} ({max(r for _, r in gaps):.1e}) | | |",
         f"| mean absolute echo log-probability (random weights: float32 resolution scales with it) "
         f"| {statistics.mean(sizes):.1f} | | |",
