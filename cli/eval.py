@@ -68,11 +68,12 @@ def run(args: argparse.Namespace) -> int:
     from lm_eval.utils import make_table
 
     from mlx_xglm.evaluation.harness import XGLMEvalModel
-    from mlx_xglm.evaluation.tasks import evaluate, resolve_tasks, task_manager
+    from mlx_xglm.evaluation.tasks import check_options, evaluate, resolve_tasks, task_manager
 
     tasks = args.tasks.split(",")
-    # Unknown tasks and a missing include path fail before the model loads.
+    # Unknown tasks, a missing include path, bad numbers and an unwritable output fail before the model loads.
     resolve_tasks(task_manager(args.include_path), tasks)
+    check_options(args.num_fewshot, args.limit, args.output_path, group)
     model, tokenizer, _ = load_model(
         args.model, args.revision, quiet_renderer(group).spinner, args.adapter_path
     )

@@ -14,6 +14,8 @@ import mlx.core as mx
 
 from mlx_xglm import XGLMError
 from mlx_xglm.checkpoints.adapters import TARGETS, read_adapter_weights
+from mlx_xglm.evaluation.perplexity import exp_nll
+from mlx_xglm.outputs import check_writable
 from mlx_xglm.tuning import (
     TrainingArgs,
     apply_lora,
@@ -24,7 +26,8 @@ from mlx_xglm.tuning import (
     train,
     trainable_parameters,
 )
-from mlx_xglm.tuning.lora import resume_adapter
+from mlx_xglm.tuning.lora import check_lora_options, resume_adapter
+from mlx_xglm.world import RankFailed, agree, world
 
 from .options import DEFAULT_MODEL, help_formatter, load_model
 from .progress import TrainingDisplay
@@ -36,6 +39,10 @@ examples:
   mlx-xglm lora --model ./xglm-564M --train --data ./data --resume-adapter-file adapters
   mlx-xglm lora --model ./xglm-564M --test --data ./data --adapter-path adapters
   mlx-xglm lora -c lora.yaml
+  mlx.launch --backend ring -n 2 -- mlx-xglm lora --model ./xglm-564M --train --data ./data --batch-size 8
+
+Under mlx.launch the run is data parallel: --batch-size is the whole batch, split over the processes; the
+adapter equals one process's, and rank 0 alone prints and writes it.
 
 --data DIR holds train.jsonl and valid.jsonl (and test.jsonl for --test), one JSON object a line:
 {"text": "..."} or {"prompt": "...", "completion": "..."}. The adapter (adapter_config.json and
@@ -148,22 +155,49 @@ def settings_from(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**merged)
 
 
+# A settings file is a few lines; a bigger one is a mistake (or an attack), and so are YAML aliases,
+# which can make a small file expand to gigabytes ("billion laughs").
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _load_yaml(text: str):
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(
+                    f"line {mark.line + 1}: aliases (*name) are not allowed in a settings file"
+                )
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliases)  # noqa: S506 (a SafeLoader)
+
+
 def _read_yaml(file: Path) -> dict:
     import yaml
 
     try:
-        config = yaml.safe_load(file.read_text(encoding="utf-8"))
+        if file.stat().st_size > MAX_CONFIG_BYTES:
+            raise XGLMError(f"-c {file} is over {MAX_CONFIG_BYTES >> 20} MB; a settings file is a few lines")
+        config = _load_yaml(file.read_text(encoding="utf-8"))
     except OSError as e:
         raise XGLMError(f"cannot read -c {file}: {e.strerror}") from None
     except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise XGLMError(f"-c {file} is not a YAML file: {e}".replace("\n", " ")) from None
-    config = config or {}
+        reason = " ".join(str(e).split())
+        reason = reason if len(reason) <= 200 else reason[:200] + "..."
+        raise XGLMError(f"-c {file} is not a valid YAML settings file: {reason}") from None
+    config = {} if config is None else config
     if not isinstance(config, dict):
-        raise XGLMError(f"-c {file} must hold a mapping of settings")
+        raise XGLMError(
+            f"-c {file} must hold a mapping of settings (name: value lines), got a {type(config).__name__}"
+        )
     config = {str(k).replace("-", "_"): v for k, v in config.items()}
     unknown = sorted(set(config) - set(DEFAULTS))
     if unknown:
-        raise XGLMError(f"-c {file}: unknown setting {unknown[0]}; the settings are the flag names of lora")
+        name = unknown[0] if len(unknown[0]) <= 60 else unknown[0][:60] + "..."
+        raise XGLMError(f"-c {file}: unknown setting {name}; the settings are the flag names of lora")
     return {key: _typed(file, key, value) for key, value in config.items()}
 
 
@@ -176,18 +210,69 @@ def _typed(file: Path, key: str, value):
         if not isinstance(value, bool):
             raise XGLMError(f"-c {file}: {key} must be true or false, got {value!r}")
         return value
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."
     try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise XGLMError(f"-c {file}: {key} must be a number, got {value!r}") from None
+        if isinstance(value, (list, dict, bool)):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise XGLMError(f"-c {file}: {key} must be a number, got {shown}") from None
+    if not math.isfinite(number):
+        raise XGLMError(f"-c {file}: {key} must be a finite number, got {shown}")
+    if kind is int:
+        if number != int(number):
+            raise XGLMError(f"-c {file}: {key} must be a whole number, got {shown}")
+        return int(number)
+    return number
 
 
 def run(args: argparse.Namespace) -> int:
-    return _run(settings_from(args))
+    group = world()
+    display = TrainingDisplay(quiet=group.rank() != 0)
+    try:
+        return _run(args, group, display)
+    except RankFailed:
+        if group.rank() != 0:
+            return 1  # rank 0 says what failed
+        raise
 
 
-def _run(s: argparse.Namespace) -> int:
-    args = TrainingArgs(
+def _run(args: argparse.Namespace, group, display: TrainingDisplay) -> int:
+    # Every step that can fail on one rank alone (files, flags) is agreed on before the first collective
+    # of the training, so a failure stops every rank instead of leaving the others waiting.
+    s, train_args, model, data, config = agree(lambda: _prepare(args, group, display), group)
+    if s.train:
+        display.note(_parameters_line(*trainable_parameters(model)))
+        if group.size() > 1:
+            display.note(
+                f"Data parallel over {group.size()} processes: {s.batch_size // group.size()} of the "
+                f"{s.batch_size} rows of each batch per process"
+            )
+        folder = Path(s.adapter_path)
+        try:
+            with display.training(s.iters):
+                train(
+                    model,
+                    data["train"],
+                    data["valid"],
+                    train_args,
+                    save=lambda it: save_adapter(model, folder, config),
+                    callback=lambda update: display.update(update, folder),
+                    group=group,
+                )
+        except KeyboardInterrupt:
+            display.note(f"Interrupted: the adapter of the last finished step is in {folder}")
+            return 130
+    if s.test:
+        loss = evaluate(model, data["test"], s.batch_size, s.test_batches, s.mask_prompt, group)
+        display.note(f"Test loss {loss:.3f}, Test ppl {exp_nll(loss, 1):.3f}.")
+    return 0
+
+
+def _prepare(args: argparse.Namespace, group, display: TrainingDisplay):
+    """The settings, training arguments, model (with its new LoRA layers), data and LoRA config."""
+    s = settings_from(args)
+    train_args = TrainingArgs(
         iters=s.iters,
         batch_size=s.batch_size,
         learning_rate=s.learning_rate,
@@ -199,15 +284,20 @@ def _run(s: argparse.Namespace) -> int:
         seed=s.seed,
         grad_checkpoint=s.grad_checkpoint,
     )
-    args.check()
+    train_args.check(group.size() if s.train else 1)
     if s.test_batches == 0 or s.test_batches < -1:
         raise XGLMError(f"--test-batches must be -1 (all) or 1 or more, got {s.test_batches}")
-    display = TrainingDisplay()
+    if s.train:
+        # Everything that would fail after training, checked before it (and before the model loads).
+        check_lora_options(s.rank, s.alpha, s.dropout)
+        if group.rank() == 0:
+            check_writable(s.adapter_path, "adapter_path", folder=True)
     model, tokenizer, _ = load_model(
         s.model, s.revision, display.spinner, adapter_path=None if s.train else s.adapter_path
     )
     splits = (("train", "valid") if s.train else ()) + (("test",) if s.test else ())
     data = load_dataset(s.data, tokenizer, splits, s.mask_prompt, s.max_seq_length, s.newlines)
+    config = None
     if s.train:
         mx.random.seed(s.seed)
         config = lora_config(
@@ -216,25 +306,11 @@ def _run(s: argparse.Namespace) -> int:
         apply_lora(model, config)
         if s.resume_adapter_file:
             resume_adapter(model, read_adapter_weights(Path(s.resume_adapter_file)), s.resume_adapter_file)
-        display.note(_parameters_line(*trainable_parameters(model)))
-        folder = Path(s.adapter_path)
-        try:
-            with display.training(s.iters):
-                train(
-                    model,
-                    data["train"],
-                    data["valid"],
-                    args,
-                    save=lambda it: save_adapter(model, folder, config),
-                    callback=lambda update: display.update(update, folder),
-                )
-        except KeyboardInterrupt:
-            display.note(f"Interrupted: the adapter of the last finished step is in {folder}")
-            return 130
-    if s.test:
-        loss = evaluate(model, data["test"], s.batch_size, s.test_batches, s.mask_prompt)
-        display.note(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 700)):.3f}.")
-    return 0
+        if group.rank() == 0:
+            # float32 arrays, and room for the new file beside the old one while it is replaced.
+            need = 2 * 4 * trainable_parameters(model)[0] + (1 << 20)
+            check_writable(s.adapter_path, "adapter_path", folder=True, need_bytes=need)
+    return s, train_args, model, data, config
 
 
 def _names(text: str) -> list[str]:

@@ -86,7 +86,10 @@ def error_line(error: XGLMError, flags: dict[str, str]) -> str:
     message = str(error)
     flag = flags.get(error.param)
     if flag is not None:
-        message = re.sub(rf"(?<![\w./-]){re.escape(error.param)}(?![\w./-])", flag, message)
+        # Not inside `code spans`: they quote commands and files, which must stay as written.
+        parts = message.split("`")
+        name = re.compile(rf"(?<![\w./-]){re.escape(error.param)}(?![\w./-])")
+        message = "`".join(p if i % 2 else name.sub(flag, p) for i, p in enumerate(parts))
     return f"error: {message}"
 
 

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from mlx_xglm import XGLMError
 from mlx_xglm.evaluation import perplexity
+from mlx_xglm.evaluation.perplexity import exp_nll
 
 from .options import add_adapter_arg, add_model_args, help_formatter, load_model
 from .scoring_options import LAUNCH_NOTE, quiet_renderer, start_group
@@ -75,6 +76,11 @@ def _read(path: str) -> str:
     return text
 
 
+def _finite(row: dict) -> dict:
+    # JSON has no infinity: a perplexity too large for a float is written as null.
+    return {**row, "perplexity": row["perplexity"] if math.isfinite(row["perplexity"]) else None}
+
+
 def run(args: argparse.Namespace) -> int:
     group = start_group()
     texts = {path: _read(path) for path in args.data}
@@ -98,11 +104,19 @@ def run(args: argparse.Namespace) -> int:
             {"file": path, "perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens}
         )
     nll, tokens = math.fsum(r["nll"] for r in rows), sum(r["tokens"] for r in rows)
-    total = {"perplexity": math.exp(nll / tokens), "nll": nll, "tokens": tokens}
+    total = {"perplexity": exp_nll(nll, tokens), "nll": nll, "tokens": tokens}
     if group.rank() != 0:
         return 0
     if args.json:
-        print(json.dumps({**total, "files": rows}))
+        # JSON has no infinity: a perplexity too large for a float is written as null.
+        finite = [
+            {**r, "perplexity": r["perplexity"] if math.isfinite(r["perplexity"]) else None} for r in rows
+        ]
+        total_out = {
+            **total,
+            "perplexity": total["perplexity"] if math.isfinite(total["perplexity"]) else None,
+        }
+        print(json.dumps({**total_out, "files": finite}))
         return 0
     table = Table(title=f"perplexity: {args.model}")
     for name in ("file", "tokens", "nll", "perplexity"):

@@ -19,16 +19,17 @@ FIELDS = {"loss": "-", "val": "-", "tps": "-", "lr": "-", "mem": "-"}
 
 
 class TrainingDisplay:
-    """The spinner while loading, the bar while training, and the report lines."""
+    """The spinner while loading, the bar while training, and the report lines; `quiet` shows none of
+    them (the ranks other than 0 of a run under mlx.launch)."""
 
-    def __init__(self):
-        self.out = Console(highlight=False, soft_wrap=True)
-        self.err = Console(stderr=True, highlight=False)
+    def __init__(self, quiet: bool = False):
+        self.out = Console(highlight=False, soft_wrap=True, quiet=quiet)
+        self.err = Console(stderr=True, highlight=False, quiet=quiet)
         self.progress: Progress | None = None
         self.task = None
 
     def spinner(self, text: str):
-        return self.err.status(text) if self.err.is_terminal else nullcontext()
+        return self.err.status(text) if self.err.is_terminal and not self.err.quiet else nullcontext()
 
     def note(self, text: str) -> None:
         self.out.print(text)
@@ -47,7 +48,7 @@ class TrainingDisplay:
             TimeElapsedColumn(),
             console=self.err,
             transient=True,
-            disable=not self.err.is_terminal,
+            disable=not self.err.is_terminal or self.err.quiet,
         )
         try:
             with self.progress:

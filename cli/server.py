@@ -44,6 +44,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, got {value}")
+    return value
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "server",
@@ -55,7 +62,7 @@ def register(subparsers) -> None:
     add_model_args(parser)
     add_adapter_arg(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
+    parser.add_argument("--port", type=_port, default=8080, help="port to listen on (default: 8080)")
     parser.add_argument(
         "--api-key",
         metavar="KEY",
@@ -80,6 +87,20 @@ def register(subparsers) -> None:
         type=_positive,
         metavar="N",
         help="longer prompts get a 413 (default: the model's max_position_embeddings)",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=_positive,
+        metavar="N",
+        help="prompt plus max_tokens may not exceed N; more gets a 400 (default: the model's "
+        "max_position_embeddings, or --max-prompt-tokens if larger)",
+    )
+    parser.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        metavar="ORIGIN",
+        help='web origins whose pages may call the API (CORS), e.g. http://localhost:3000, or "*" '
+        "for any (default: none)",
     )
     parser.add_argument(
         "--max-body-bytes",
@@ -139,5 +160,7 @@ def run(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         max_body_bytes=args.max_body_bytes,
         chat_template=template,
+        max_model_len=args.max_model_len,
+        allowed_origins=args.allowed_origins,
     )
     return 0

@@ -154,3 +154,35 @@ def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str
     """`mx.save_safetensors` through a Python file, so a full disk is an OSError like any other write."""
     with open(path, "wb") as f:
         mx.save_safetensors(f, arrays, metadata=metadata)
+
+
+def check_writable(
+    target: str | Path, param: str | None = None, *, folder: bool, need_bytes: int = 0
+) -> None:
+    """Before long work whose result goes to `target`: XGLMError (naming `param`) if it cannot be written.
+
+    `target` (a folder when `folder`, else a file) must not be the other kind; its nearest existing folder
+    must take a new file (a probe is made and removed there), and that disk must have `need_bytes` free.
+    Nothing is left behind, so a run refused here has written nothing.
+    """
+    target = Path(target)
+    if target.exists() and target.is_dir() != folder:
+        kind = "a folder" if folder else "a file"
+        raise XGLMError(f"{target} exists and is not {kind}; choose another path", param=param)
+    place = target if folder and target.is_dir() else target.parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise XGLMError(f"cannot write {target}: {place} is not a folder", param=param)
+    probe = _hidden_name(place / target.name)
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        probe.unlink()
+        free = shutil.disk_usage(place).free
+    except OSError as e:
+        raise output_error(target, e, param) from None
+    if free < need_bytes:
+        raise XGLMError(
+            f"cannot write {target}: {free / 1e6:.1f} MB free on its disk, {need_bytes / 1e6:.1f} MB needed",
+            param=param,
+        )

@@ -5,45 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from eval_tasks import LINES, eval_weights, write_tasks
+from launching import launch_prefix
 
 CLI = [sys.executable, "-m", "mlx_xglm.cli"]
-
-
-def launcher() -> list[str]:
-    """MLX's launcher: the `mlx.launch` script beside this Python, on PATH, or its module."""
-    script = Path(sys.executable).parent / "mlx.launch"
-    if script.exists():
-        return [str(script)]
-    if shutil.which("mlx.launch"):
-        return [shutil.which("mlx.launch")]
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())",
-    ]
-
-
-def free_port_pair() -> int:
-    """A port p such that p and p + 1 are free (the ring backend listens on one port per rank)."""
-    for _ in range(50):
-        port = random.randint(20000, 60000)
-        try:
-            for p in (port, port + 1):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +36,7 @@ def run(args, cwd, launch: int = 1, timeout: int = 600) -> subprocess.CompletedP
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     command = [*CLI, *map(str, args)]
     if launch > 1:
-        prefix = [
-            *launcher(),
-            "--backend",
-            "ring",
-            "-n",
-            str(launch),
-            "--starting-port",
-            str(free_port_pair()),
-        ]
-        command = [*prefix, "--", *command]
+        command = [*launch_prefix(launch), "--", *command]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 

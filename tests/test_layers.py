@@ -22,7 +22,7 @@ SOURCES = {"mlx_xglm": ROOT / "mlx_xglm", "mlx_xglm.cli": ROOT / "cli"}
 # of a higher layer; groups of one layer may use each other as long as no circle forms. A group is a
 # subpackage of mlx_xglm, or one of its top-level modules ("mlx_xglm" itself is the package's __init__).
 LAYERS = [
-    {"errors", "outputs", "settings"},
+    {"errors", "outputs", "settings", "world"},
     {"model"},
     {"tokenization"},
     {"checkpoints", "decoding"},

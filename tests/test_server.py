@@ -30,7 +30,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def server(lively_checkpoint):
-    process = ServerProcess(lively_checkpoint, "--model-id", "tiny")
+    process = ServerProcess(lively_checkpoint, "--model-id", "tiny", "--max-model-len", "100000")
     yield process
     assert process.stop() == 0
 

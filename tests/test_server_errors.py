@@ -30,6 +30,8 @@ def server(tiny_checkpoint):
         "20",
         "--max-body-bytes",
         "4096",
+        "--max-model-len",
+        "100000",
     )
     yield process
     assert process.stop() == 0
@@ -158,7 +160,7 @@ def test_tokenize_and_detokenize(server):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_ends_running_requests_and_exits_0(tiny_checkpoint, sig):
-    process = ServerProcess(tiny_checkpoint)
+    process = ServerProcess(tiny_checkpoint, "--max-model-len", "100000")
     body = {"prompt": "Bonjour", "max_tokens": 50000, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{process.url}/v1/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()

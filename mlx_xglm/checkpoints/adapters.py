@@ -22,6 +22,7 @@ from mlx.utils import tree_unflatten
 from ..errors import XGLMError
 from ..model.lora import LoRALinear
 from ..outputs import save_safetensors, staged_file
+from .adapter_checks import check_weights, config_problem
 from .hub import looks_like_repo_id, resolve_model_path
 from .json_files import read_json_object
 from .torch_bin import read_torch_bin
@@ -60,6 +61,11 @@ class LoraConfig:
         key = _pattern_key(self.alpha_pattern, path)
         alpha = self.alpha_pattern[key] if key is not None else self.lora_alpha
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def rank(self, path: str) -> int:
+        """peft's rank of the module at `path`: its `rank_pattern` entry, else `r`."""
+        key = _pattern_key(self.rank_pattern, path)
+        return self.rank_pattern[key] if key is not None else self.r
 
     def to_peft(self) -> dict:
         """The adapter_config.json that peft's `PeftModel.from_pretrained` reads."""
@@ -117,6 +123,9 @@ def read_config(file: Path) -> LoraConfig:
     config = LoraConfig(**values)
     config.rank_pattern = config.rank_pattern or {}
     config.alpha_pattern = config.alpha_pattern or {}
+    problem = config_problem(config)
+    if problem is not None:
+        raise XGLMError(f"{file}: {problem}; fix the adapter's config", param="adapter_path")
     return config
 
 
@@ -206,6 +215,7 @@ def load_adapter_weights(
     """Copy adapter arrays into the model's LoRALinear layers, checking shapes; with `config`, first
     wrap the modules they name, with that config's scaling."""
     wrap = config is not None
+    check_weights(modules, source, config)
     if wrap:
         wrap_modules(model, {p: (parts["lora_A"].shape[0], 1.0) for p, parts in sorted(modules.items())})
     layers = {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}

@@ -176,4 +176,11 @@ def load(
     model_path = resolve_model_path(path_or_repo, revision)
     model = load_model(model_path, lazy=lazy, adapter_path=adapter_path)
     tokenizer = XGLMTokenizer.from_pretrained(model_path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise XGLMError(
+            f"{model_path / 'config.json'} says vocab_size {model.config.vocab_size}, but the tokenizer "
+            f"has {tokenizer.vocab_size} tokens: its ids past the embedding table cannot be read; "
+            "fix vocab_size or use the checkpoint's own tokenizer files",
+            param="vocab_size",
+        )
     return model, tokenizer

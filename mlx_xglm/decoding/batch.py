@@ -10,6 +10,7 @@ from .cache import cached_tokens, prompt_cache_max_kv_size
 from .engine import BatchGenerator, BatchStats
 from .generate import TextStream, print_stats
 from .sample_utils import LogitsProcessor, Sampler
+from .stop_strings import StopStrings
 
 
 @dataclass
@@ -74,7 +75,8 @@ def batch_generate(
     uids = gen.insert(
         rows, caches=None if prompt_cache is None else caches, logits_processors=logits_processors
     )
-    streams = {uid: TextStream(tokenizer, stop, newlines) for uid in uids}
+    stops = StopStrings(stop)
+    streams = {uid: TextStream(tokenizer, stops, newlines) for uid in uids}
     texts = {uid: "" for uid in uids}
     ids: dict[int, list[int]] = {uid: [] for uid in uids}
     while responses := gen.next():

@@ -26,6 +26,7 @@ import mlx.core as mx
 
 from ..errors import XGLMError
 from ..model.batch_cache import BatchKVCache
+from ..model.token_ids import check_token_ids
 from .cache import check_prompt_cache
 from .rows import CLEAR_CACHE_EVERY, Rows
 from .sample_utils import LogitsProcessor, Sampler, greedy
@@ -144,6 +145,7 @@ class BatchGenerator:
         n = len(prompts)
         if any(not isinstance(p, list | tuple) or not p for p in prompts):
             raise XGLMError("prompts must each be a non-empty list of token ids", param="prompts")
+        check_token_ids(prompts, self.model.config.vocab_size, "prompts")
         max_tokens = _per_row(max_tokens, n, "max_tokens")
         samplers = _per_row(samplers, n, "samplers")
         caches = [None] * n if caches is None else _per_row(list(caches), n, "caches")

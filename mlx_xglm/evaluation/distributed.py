@@ -7,36 +7,14 @@ them, each computed in exactly the batch a single process would have used: resul
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-import mlx.core as mx
-import numpy as np
+from ..world import all_gather_json, is_main_process, world
 
 T = TypeVar("T")
 
-
-def world(group=None):
-    """The process group to share work over: `group`, or the launcher's (one process when not launched)."""
-    return group if group is not None else mx.distributed.init()
-
-
-def is_main_process(group=None) -> bool:
-    """True on rank 0, the process that prints and writes."""
-    return world(group).rank() == 0
-
-
-def all_gather_json(value, group) -> list:
-    """`value` (anything JSON can hold) from every rank, in rank order; floats round-trip exactly."""
-    data = np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
-    sizes = mx.distributed.all_gather(mx.array([data.size], mx.int32), group=group, stream=mx.cpu)
-    sizes = np.array(sizes).tolist()
-    padded = np.zeros(max(sizes), np.uint8)
-    padded[: data.size] = data
-    everything = mx.distributed.all_gather(mx.array(padded)[None], group=group, stream=mx.cpu)
-    rows = np.array(everything)
-    return [json.loads(rows[r, : sizes[r]].tobytes().decode()) for r in range(group.size())]
+__all__ = ["all_gather_json", "is_main_process", "run_sharded", "world"]
 
 
 def run_sharded(

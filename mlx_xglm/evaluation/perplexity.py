@@ -21,6 +21,14 @@ class PerplexityResult:
     tokens: int
 
 
+def exp_nll(nll: float, tokens: int) -> float:
+    """exp(`nll` / `tokens`), infinity where that overflows a float (a mean above ~709.78 nats)."""
+    try:
+        return math.exp(nll / tokens)
+    except OverflowError:
+        return math.inf
+
+
 def strided_windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
     """`(begin, end, scored)` windows over `n_tokens` ids: ids[begin:end] is read and its last `scored`
     ids are scored, so each id after the first is scored once with the longest context a window gives.
@@ -88,4 +96,4 @@ def perplexity(
         results = run_sharded(batches, work, group, lambda b: advance(len(b)))
     nll = math.fsum(x for batch in results for x in batch)
     tokens = sum(n for _, _, n in windows)
-    return PerplexityResult(math.exp(nll / tokens), nll, tokens)
+    return PerplexityResult(exp_nll(nll, tokens), nll, tokens)

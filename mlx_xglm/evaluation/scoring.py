@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass
 
 from ..errors import XGLMError
+from ..model.token_ids import check_token_ids
 from ..tokenization import Newlines
 from .distributed import run_sharded, world
 from .forward import continuation_logprobs, sequence_logprobs
@@ -122,6 +123,7 @@ def loglikelihood_tokens(
         ctx, cont = list(ctx), list(cont)
         if not ctx or not cont:
             raise XGLMError(f"request {i} has an empty context or continuation (as ids)", param="requests")
+        check_token_ids([ctx, cont], model.config.vocab_size, "requests")
         if len(cont) > max_length:
             raise XGLMError(
                 f"request {i}: the continuation has {len(cont)} tokens, more than the model reads at once "

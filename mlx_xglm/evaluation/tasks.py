@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from ..errors import XGLMError
+from ..outputs import check_writable
 from .distributed import world
 
 # lm-eval's own defaults for its random, numpy, torch and few-shot seeds.
@@ -34,18 +36,55 @@ def _indexed_tasks(include_path: str | None):
 
 
 def resolve_tasks(manager, tasks: list[str]) -> list[str]:
-    """The task names, checked against `manager`; unknown names are an XGLMError naming them."""
+    """The task names, checked against `manager`; unknown names are an XGLMError naming them, and so is
+    a task of the include path whose YAML lm-eval cannot build (a bad output_type, split, template...)."""
     names = [t.strip() for t in tasks if t.strip()]
     if not names:
         raise XGLMError("no tasks given; name at least one lm-eval task", param="tasks")
     unknown = [t for t in names if not manager.match_tasks([t])]
     if unknown:
         raise XGLMError(
-            f"unknown task(s): {', '.join(unknown)}; list lm-eval's tasks with `lm-eval ls tasks`, or pass "
-            "the folder of your task YAML files as the include path",
+            f"unknown task(s): {', '.join(unknown)}; list lm-eval's tasks with `lm-eval ls tasks` (with "
+            "`--include_path DIR` for a folder of your own task YAML files), or pass that folder as the "
+            "include path",
             param="tasks",
         )
+    _check_own_tasks(manager, names)
     return names
+
+
+def _check_own_tasks(manager, names: list[str]) -> None:
+    # The user's own YAML files are where mistakes are: build those tasks now, before any model work.
+    if not manager.include_path:
+        return
+    roots = [
+        Path(p).resolve()
+        for p in ([manager.include_path] if isinstance(manager.include_path, str) else manager.include_path)
+    ]
+    for name in names:
+        path = getattr(manager.task_index.get(name), "yaml_path", None)
+        if path is None or not any(root in Path(path).resolve().parents for root in roots):
+            continue
+        try:
+            manager.load([name])
+        except Exception as e:  # lm-eval raises whatever its builders raise
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            reason = reason if len(reason) <= 200 else reason[:200] + "..."
+            raise XGLMError(
+                f"task {name} ({path}) cannot be built by lm-eval ({reason}); fix its YAML",
+                param="include_path",
+            ) from None
+
+
+def check_options(num_fewshot: int | None, limit: float | None, output_path: str | None, group=None) -> None:
+    """Refuse, before any model work, settings `evaluate` cannot finish with: a negative few-shot count,
+    a limit that is not a positive number, or an output path that cannot be written (a file, say)."""
+    if num_fewshot is not None and num_fewshot < 0:
+        raise XGLMError(f"num_fewshot must be 0 or more, got {num_fewshot}", param="num_fewshot")
+    if limit is not None and not (limit > 0 and math.isfinite(limit)):
+        raise XGLMError(f"limit must be a number above 0, got {limit}", param="limit")
+    if output_path is not None and world(group).rank() == 0:
+        check_writable(output_path, "output_path", folder=True)
 
 
 def _check_fewshot(manager, names: list[str], num_fewshot: int) -> None:
@@ -98,10 +137,7 @@ def evaluate(
 
     manager = task_manager(include_path)
     names = resolve_tasks(manager, list(tasks))
-    if num_fewshot is not None and num_fewshot < 0:
-        raise XGLMError(f"num_fewshot must be 0 or more, got {num_fewshot}", param="num_fewshot")
-    if limit is not None and limit <= 0:
-        raise XGLMError(f"limit must be more than 0, got {limit}", param="limit")
+    check_options(num_fewshot, limit, output_path, group)
     if num_fewshot:
         _check_fewshot(manager, names, num_fewshot)
     seeds = LM_EVAL_SEEDS if seed is None else (seed,) * 4

@@ -15,6 +15,7 @@ from ..errors import XGLMError
 from .cache import KVCache
 from .loss import causal_lm_loss
 from .masks import padding_mask, padding_positions
+from .token_ids import check_token_ids
 
 
 @dataclass
@@ -83,6 +84,8 @@ def model_forward(
         raise XGLMError("pass exactly one of input_ids and inputs_embeds")
     input_ids = _as_array(input_ids, "input_ids", 2)
     inputs_embeds = _as_array(inputs_embeds, "inputs_embeds", 3)
+    if input_ids is not None:
+        check_token_ids(input_ids, config.vocab_size, "input_ids")
     B, L = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
     if use_cache is None:
         use_cache = config.use_cache and not self.training

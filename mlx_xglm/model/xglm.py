@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from .cache import KVCache
 from .config import ACTIVATIONS, XGLMConfig
-from .dropout import Dropout, keyed_call
+from .dropout import Dropout, dropout_key, keyed_call, layer_key
 from .forward import causal_lm_forward, model_forward
 from .masks import Positions, additive_mask, causal
 from .positions import XGLMSinusoidalPositionalEmbedding
@@ -104,7 +104,7 @@ class XGLMModel(nn.Module):
         )
         self.layers = [XGLMDecoderLayer(config) for _ in range(config.num_layers)]
         self.layer_norm = nn.LayerNorm(config.d_model, eps=1e-5)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         # Training only: recompute each layer in the backward pass instead of keeping its activations.
         self.grad_checkpoint = False
 
@@ -162,7 +162,11 @@ class XGLMModel(nn.Module):
         """The decoder's input: scaled token embeddings (or `inputs_embeds` as given) plus positions."""
         h = self.embed_tokens(inputs) if inputs_embeds is None else inputs_embeds
         scale = self.embed_scale if inputs_embeds is None else 1.0
-        return self.dropout(h * scale + self.embed_positions(positions, h.dtype))
+        h = h * scale + self.embed_positions(positions, h.dtype)
+        if not self.training:
+            return h
+        with dropout_key(layer_key()):  # keyed as the layers' dropout: per row, the same on any rank
+            return self.dropout(h)
 
     # The full forward (attention masks, hidden states, attentions, head_mask) packaged as transformers does.
     forward = model_forward

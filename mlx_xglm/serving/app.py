@@ -7,14 +7,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..tokenization.prompt import DEFAULT_TEMPLATE, split_template
 from .chat_completions import create_chat_completion
 from .completions import create_completion
 from .engine import Engine
 from .errors import APIError, install_error_handlers
-from .gate import Gate
+from .gate import DEFAULT_BODY_TIMEOUT, Gate
 from .metrics import RequestCounter, render
 from .prompts import chat_prompt, check_ids
 from .protocol import (
@@ -36,6 +38,7 @@ class ServerState:
     model_id: str
     vocab_size: int
     max_prompt_tokens: int
+    max_model_len: int
     chat_template: str = DEFAULT_TEMPLATE
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -48,22 +51,30 @@ def create_app(
     max_prompt_tokens: int | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     chat_template: str = DEFAULT_TEMPLATE,
+    max_model_len: int | None = None,
+    allowed_origins: list[str] | None = None,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> FastAPI:
     """The server app around a (not yet started) `engine`, which it starts and shuts down with itself.
 
     `model_id` is the name /v1/models reports and responses carry. With `api_key` every request needs
     `Authorization: Bearer <api_key>`. Prompts over `max_prompt_tokens` (default: the model's
     `max_position_embeddings`) and bodies over `max_body_bytes` get a 413. `chat_template` writes the
-    chat transcript as `mlx-xglm chat --template` does.
+    chat transcript as `mlx-xglm chat --template` does. `max_model_len` (default: the longer of
+    `max_prompt_tokens` and `max_position_embeddings`) bounds prompt plus `max_tokens`, as vLLM's.
+    `allowed_origins` lets browser pages of those origins call the API (CORS; "*" for any; default none).
+    A body not fully received within `body_timeout` seconds gets a 408. `/health` needs no key.
     """
     split_template(chat_template)
     config = engine.model.config
+    max_prompt_tokens = max_prompt_tokens or config.max_position_embeddings
     state = ServerState(
         engine=engine,
         tokenizer=engine.tokenizer,
         model_id=model_id,
         vocab_size=config.vocab_size,
-        max_prompt_tokens=max_prompt_tokens or config.max_position_embeddings,
+        max_prompt_tokens=max_prompt_tokens,
+        max_model_len=max_model_len or max(max_prompt_tokens, config.max_position_embeddings),
         chat_template=chat_template,
     )
 
@@ -79,9 +90,19 @@ def create_app(
     app.state.server = state
     install_error_handlers(app)
     requests = RequestCounter()
-    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, requests=requests)
+    app.add_middleware(
+        Gate, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout, requests=requests
+    )
+    if allowed_origins:
+        # Outside the gate: a browser's preflight carries no key, and its answers need the CORS headers.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=allowed_origins,
+            allow_methods=["GET", "POST", "HEAD", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", **engine.stats()}
 
@@ -108,16 +129,18 @@ def create_app(
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either prompt or messages", "prompt")
         if body.messages is not None:
-            tokens = chat_prompt(body.messages, tokenizer, state.chat_template, state.vocab_size, 1 << 62)
+            args = (chat_prompt, body.messages, tokenizer, state.chat_template, state.vocab_size, 1 << 62)
+            tokens = await run_in_threadpool(*args)
         else:
-            tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            special = body.add_special_tokens
+            tokens = await run_in_threadpool(tokenizer.encode, body.prompt, add_special_tokens=special)
         return {"count": len(tokens), "max_model_len": state.max_prompt_tokens, "tokens": tokens}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         if body.tokens:
             check_ids(body.tokens, state.vocab_size, 1 << 62, "tokens")
-        return {"prompt": state.tokenizer.decode(body.tokens)}
+        return {"prompt": await run_in_threadpool(state.tokenizer.decode, body.tokens)}
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():

@@ -11,12 +11,14 @@ import uuid
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+from ..decoding.stop_strings import StopStrings
 from ..tokenization.prompt import user_marker
 from .choices import Choice, chat_logprobs
 from .errors import APIError
 from .generation import Generation, sampling_from, sse, sse_error
-from .prompts import chat_prompt
+from .prompts import chat_prompt, token_budget
 from .protocol import ChatCompletionRequest
 
 DEFAULT_MAX_TOKENS = 256
@@ -25,16 +27,19 @@ DEFAULT_MAX_TOKENS = 256
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state):
     """Answer a chat request, streamed as server-sent events when `stream` is set."""
     tokenizer = state.tokenizer
-    ids = chat_prompt(
-        body.messages, tokenizer, state.chat_template, state.vocab_size, state.max_prompt_tokens
+    state.engine.check_room(body.n)
+    sampling = sampling_from(body, state.vocab_size)
+    ids = await run_in_threadpool(
+        chat_prompt, body.messages, tokenizer, state.chat_template, state.vocab_size, state.max_prompt_tokens
     )
+    max_tokens = token_budget(body.token_limit, DEFAULT_MAX_TOKENS, [ids], state.max_model_len)
     marker = user_marker(state.chat_template)
     stop = ([marker] if marker else []) + body.stop_strings
-    choices = [Choice(tokenizer, i, stop) for i in range(body.n)]
+    stops = StopStrings(stop)
+    choices = [Choice(tokenizer, i, stops) for i in range(body.n)]
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     generation = Generation(state.engine, choices)
-    max_tokens = body.token_limit or DEFAULT_MAX_TOKENS
-    generation.start([ids], max_tokens, sampling_from(body, state.vocab_size), body.n, logprobs)
+    generation.start([ids], max_tokens, sampling, body.n, logprobs)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_id}
     request.state.prompt_tokens = len(ids)
     if body.stream:

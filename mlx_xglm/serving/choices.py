@@ -9,8 +9,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..decoding.generate import TextStream
+from ..decoding.stop_strings import StopStrings
 from ..tokenization.tokenizer import SPIECE_UNDERLINE
 from .jobs import Token
+
+# JSON has no NaN or infinity: a log-probability below this is sent as this (vLLM sends -9999.0 too).
+LOWEST_LOGPROB = -9999.0
+
+
+def _finite(logprob: float | None) -> float | None:
+    if logprob is None:
+        return None
+    return logprob if logprob >= LOWEST_LOGPROB else LOWEST_LOGPROB  # NaN compares false: floored too
+
+
+def _finite_top(top: list[tuple[int, float]] | None) -> list[tuple[int, float]] | None:
+    return None if top is None else [(token, _finite(lp)) for token, lp in top]
 
 
 @dataclass
@@ -33,7 +47,7 @@ def token_text(tokenizer, token: int) -> str:
 class Choice:
     """Collects the tokens of one row; `add` returns the text that became final with each."""
 
-    def __init__(self, tokenizer, index: int, stop: list[str], newlines: str = "space"):
+    def __init__(self, tokenizer, index: int, stop: StopStrings | list[str], newlines: str = "space"):
         self.index = index
         self.stream = TextStream(tokenizer, stop, newlines)
         self.text = ""
@@ -47,7 +61,7 @@ class Choice:
         detokenizer = self.stream.detokenizer
         for i, token in enumerate(prompt):
             logprob, top = scores[i - 1] if (scores and i) else (None, None)
-            self.entries.append(Entry(token, logprob, top, len(self.text)))
+            self.entries.append(Entry(token, _finite(logprob), _finite_top(top), len(self.text)))
             detokenizer.add_token(token)
             self.text += detokenizer.last_segment
         return self.text
@@ -59,7 +73,8 @@ class Choice:
         text = ""
         if event.token is not None:
             self.generated += 1
-            self.entries.append(Entry(event.token, event.logprob, event.top, len(self.text)))
+            entry = Entry(event.token, _finite(event.logprob), _finite_top(event.top), len(self.text))
+            self.entries.append(entry)
             text = self.stream.add(event.token)
         if self.stream.finish_reason is not None:
             self.finish_reason = self.stream.finish_reason

@@ -7,12 +7,16 @@ import uuid
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+from ..decoding.stop_strings import StopStrings
 from .choices import Choice, completion_logprobs
 from .errors import APIError
 from .generation import Generation, sampling_from, sse, sse_error
-from .prompts import completion_prompts
+from .prompts import completion_prompts, prompt_list, token_budget
 from .protocol import CompletionRequest
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's
 
 
 async def create_completion(body: CompletionRequest, request: Request, state):
@@ -20,9 +24,15 @@ async def create_completion(body: CompletionRequest, request: Request, state):
     tokenizer = state.tokenizer
     if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens must be at least 1 (0 only with echo)", "max_tokens")
-    prompts = completion_prompts(body.prompt, tokenizer, state.vocab_size, state.max_prompt_tokens)
+    texts = prompt_list(body.prompt)
+    state.engine.check_room(len(texts) * body.n)
     sampling = sampling_from(body, state.vocab_size)
-    choices = [Choice(tokenizer, i, body.stop_strings) for i in range(len(prompts) * body.n)]
+    prompts = await run_in_threadpool(
+        completion_prompts, texts, tokenizer, state.vocab_size, state.max_prompt_tokens
+    )
+    max_tokens = token_budget(body.max_tokens, DEFAULT_MAX_TOKENS, prompts, state.max_model_len)
+    stops = StopStrings(body.stop_strings)
+    choices = [Choice(tokenizer, i, stops) for i in range(len(prompts) * body.n)]
     if body.echo:
         want_scores = body.logprobs is not None
         for p, ids in enumerate(prompts):
@@ -30,8 +40,8 @@ async def create_completion(body: CompletionRequest, request: Request, state):
             for choice in choices[p * body.n : (p + 1) * body.n]:
                 choice.echo(ids, scores)
     generation = Generation(state.engine, choices)
-    if body.max_tokens:
-        generation.start(prompts, body.max_tokens, sampling, body.n, body.logprobs)
+    if max_tokens:
+        generation.start(prompts, max_tokens, sampling, body.n, body.logprobs)
     else:
         for choice in choices:
             choice.finish_reason = "length"

@@ -95,6 +95,24 @@ class Engine:
                 )
             self._rows += rows
 
+    def check_room(self, rows: int) -> None:
+        """Before any work for a request of `rows` rows: a 400 if it can never fit, a 503 if not now."""
+        if rows > self.capacity:
+            raise APIError(
+                400,
+                f"the request asks for {rows} rows (prompts times n); this server holds at most "
+                f"{self.capacity} at once",
+                "n",
+                "too_many_rows",
+            )
+        with self._lock:
+            if self._rows + rows > self.capacity:
+                raise APIError(
+                    503,
+                    f"the server is busy ({self._rows} rows running or queued); retry shortly",
+                    code="queue_full",
+                )
+
     def _release(self, rows: int) -> None:
         with self._lock:
             self._rows -= rows
@@ -191,8 +209,12 @@ class Engine:
     def _on_insert(self, generator: BatchGenerator, job: Job) -> None:
         try:
             samplers = row_samplers(job.sampling, job.n)
+            sampling = job.sampling
             processors = make_logits_processors(
-                logit_bias=job.sampling.logit_bias, repetition_penalty=job.sampling.repetition_penalty
+                logit_bias=sampling.logit_bias,
+                repetition_penalty=sampling.repetition_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                presence_penalty=sampling.presence_penalty,
             )
             cached, cache = self._cached_beginning(job)
             uids = generator.insert(

@@ -18,6 +18,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "timeout_error",
     413: "request_too_large",
     500: "server_error",
     503: "server_overloaded",
@@ -86,6 +87,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             return error_response(404, f"no such endpoint: {request.method} {request.url.path}")
         return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(ConnectionAbortedError)
+    async def client_gone(request: Request, exc: ConnectionAbortedError):
+        # No traceback: a client that leaves is no server error. Its request's log line shows status 499
+        # (nginx's "client closed the request"); nobody reads this answer.
+        return error_response(499, "the client closed the request")
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

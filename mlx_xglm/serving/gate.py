@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -10,6 +11,11 @@ import time
 from .errors import error_body
 
 log = logging.getLogger("mlx_xglm.serving")
+
+# Seconds a client has to send its whole body; a half-sent request must not hold a connection forever.
+DEFAULT_BODY_TIMEOUT = 30.0
+# Paths anyone may ask, without the API key (load balancers and orchestrators probe them).
+OPEN_PATHS = {"/health"}
 
 
 async def _send_error(send, status: int, message: str, code: str | None = None) -> None:
@@ -24,14 +30,23 @@ async def _send_error(send, status: int, message: str, code: str | None = None) 
 class Gate:
     """ASGI middleware: 413 for a body over `max_body_bytes`, 401 without `Authorization: Bearer
     <api_key>` (compared in constant time) when a key is set, and one log line per request: method, path,
-    status, prompt and generated tokens, tokens per second and time taken; `requests` (a RequestCounter)
-    counts each answered request for /metrics."""
+    status, prompt and generated tokens, tokens per second and time taken. A body that has not fully
+    arrived after `body_timeout` seconds gets a 408. `/health` needs no key. `requests` (a
+    RequestCounter) counts each answered request for /metrics."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, requests=None):
+    def __init__(
+        self,
+        app,
+        api_key: str | None,
+        max_body_bytes: int,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        requests=None,
+    ):
         self.app = app
         self.requests = requests
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         if self.api_key is None:
@@ -40,10 +55,15 @@ class Gate:
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
     async def _read_body(self, receive) -> tuple[bytes | None, list[dict]]:
-        """The whole body (None when over the limit) and the messages it came in, to replay them."""
+        """The whole body (None when over the limit) and the messages it came in, to replay them.
+        TimeoutError when it does not arrive within `body_timeout` seconds."""
         messages, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
         while True:
-            message = await receive()
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise TimeoutError
+            message = await asyncio.wait_for(receive(), left)
             messages.append(message)
             if message["type"] != "http.request":
                 return b"", messages
@@ -58,12 +78,16 @@ class Gate:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         state = scope.setdefault("state", {})
-        if not self._authorized(headers):
+        if scope["path"] not in OPEN_PATHS and not self._authorized(headers):
             return await _send_error(send, 401, "a valid API key is needed: Authorization: Bearer KEY")
         too_big = f"the request body is over this server's limit of {self.max_body_bytes} bytes"
         if int(headers.get(b"content-length", b"0") or 0) > self.max_body_bytes:
             return await _send_error(send, 413, too_big, "body_too_large")
-        body, messages = await self._read_body(receive)
+        try:
+            body, messages = await self._read_body(receive)
+        except TimeoutError:
+            message = f"the request body did not arrive within {self.body_timeout:g} seconds"
+            return await _send_error(send, 408, message, "body_timeout")
         if body is None:
             return await _send_error(send, 413, too_big, "body_too_large")
 

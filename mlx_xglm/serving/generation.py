@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 
 from .choices import Choice
@@ -14,6 +15,7 @@ from .protocol import _Sampling
 
 # How often a request that is not streamed checks whether its client is still there, in seconds.
 DISCONNECT_POLL = 0.5
+TOKEN_ID = re.compile(r"[0-9]{1,12}")
 
 
 def sampling_from(body: _Sampling, vocab_size: int) -> Sampling:
@@ -22,8 +24,10 @@ def sampling_from(body: _Sampling, vocab_size: int) -> Sampling:
     if body.logit_bias:
         bias = {}
         for key, value in body.logit_bias.items():
-            if not (key.lstrip("-").isdigit() and 0 <= int(key) < vocab_size):
-                raise APIError(400, f"logit_bias key {key!r} is not a token id of this model", "logit_bias")
+            # ASCII digits only: str.isdigit and int() also take "²" or "١", and int() no huge numbers.
+            if not (TOKEN_ID.fullmatch(key) and int(key) < vocab_size):
+                shown = key if len(key) <= 20 else key[:20] + "..."
+                raise APIError(400, f"logit_bias key {shown!r} is not a token id of this model", "logit_bias")
             bias[int(key)] = value
     return Sampling(
         temperature=body.temperature,
@@ -31,6 +35,8 @@ def sampling_from(body: _Sampling, vocab_size: int) -> Sampling:
         top_k=max(body.top_k, 0),
         min_p=body.min_p,
         repetition_penalty=body.repetition_penalty,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
         logit_bias=bias,
         seed=body.seed,
     )
@@ -44,6 +50,7 @@ class Generation:
         self.choices = choices
         self.events: asyncio.Queue = asyncio.Queue()
         self.jobs: list[Job] = []
+        self._checked = 0.0  # the event loop's time of the last disconnect check
 
     def start(self, prompts: list[list[int]], max_tokens: int, sampling: Sampling, n: int, logprobs):
         """Hand the rows to the engine; a 503 (queue full) leaves none of them running."""
@@ -63,12 +70,18 @@ class Generation:
     async def _next_event(self, request):
         if request is None:
             return await self.events.get()
+        # Checked on a clock, not only while no token comes: a row that keeps producing tokens would
+        # otherwise go on for a client that has gone.
+        loop = asyncio.get_running_loop()
         while True:
+            if loop.time() - self._checked >= DISCONNECT_POLL:
+                self._checked = loop.time()
+                if await request.is_disconnected():
+                    raise ConnectionAbortedError("the client went away")
             try:
                 return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise ConnectionAbortedError("the client went away") from None
+                pass
 
     async def updates(self, request=None) -> AsyncIterator[tuple[Choice, str]]:
         """Yield `(choice, new text)` per token until every choice has finished.

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from ..decoding.sample_utils import make_sampler
+from ..decoding.sample_utils import greedy, make_sampler
 from .errors import APIError
 
 
@@ -22,6 +22,8 @@ class Sampling:
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
     seed: int | None = None
 
@@ -91,6 +93,6 @@ def row_samplers(sampling: Sampling, n: int) -> list:
     sampler = make_sampler(
         temp=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p
     )
-    if sampling.seed is None or sampling.temperature == 0:
+    if sampling.seed is None or sampler is greedy:
         return [sampler] * n
     return [_seeded(sampler, sampling.seed * 7919 + i) for i in range(n)]

@@ -6,12 +6,38 @@ import logging
 import signal
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .app import create_app
 from .engine import Engine
 
 # Seconds uvicorn waits for open responses after a signal; the engine has ended their rows by then.
 GRACEFUL_SECONDS = 5
+# Seconds a connection has to send a request's headers (after connecting or after the last response).
+HEADER_TIMEOUT = 10.0
+
+
+class _HeaderDeadline(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request headers do not arrive in time: uvicorn
+    itself waits forever for a request that is half sent (its keep-alive timer stops at the first byte)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_deadline()
+
+    def _arm_header_deadline(self) -> None:
+        cycle = self.cycle
+
+        def expire() -> None:
+            # A new cycle means the next request's headers came; a closing transport needs nothing.
+            if self.cycle is cycle and not self.transport.is_closing():
+                self.transport.close()
+
+        self.loop.call_later(HEADER_TIMEOUT, expire)
 
 
 class _Server(uvicorn.Server):
@@ -46,7 +72,8 @@ def serve(
 
     `engine_args` go to `Engine` (`max_batch`, `max_queue`, `max_kv_size`, `prefill_step_size`,
     `prompt_cache_size`, `prompt_cache_bytes`),
-    `app_args` to `create_app` (`api_key`, `max_prompt_tokens`, `max_body_bytes`, `chat_template`).
+    `app_args` to `create_app` (`api_key`, `max_prompt_tokens`, `max_body_bytes`, `chat_template`,
+    `max_model_len`, `allowed_origins`, `body_timeout`). Request headers must arrive within 10 seconds.
     `log_level` sets both uvicorn's and the per-request log lines' level.
     """
     engine = Engine(model, tokenizer, **(engine_args or {}))
@@ -59,6 +86,7 @@ def serve(
         port=port,
         log_level=log_level,
         access_log=False,
+        http=_HeaderDeadline,
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
     )
     _Server(config, engine).run()

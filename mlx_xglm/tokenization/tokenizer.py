@@ -131,6 +131,13 @@ class XGLMTokenizer:
         `newlines="space"` (transformers) lets sentencepiece turn a newline into a space; `newlines="eos"`
         encodes each newline as `</s>`, the way XGLM saw line breaks in training.
         """
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            # A lone surrogate (Python lets "\ud800" into a str): not text, and sentencepiece cannot take it.
+            raise XGLMError(
+                f"text holds a lone surrogate at character {e.start}; pass valid text", param="text"
+            ) from None
         if check_newlines(newlines) == "eos":
             text = text.replace("\r\n", "\n").replace("\n", self.eos_token)
         ids = [self.eos_token_id] if add_special_tokens else []

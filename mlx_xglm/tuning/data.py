@@ -34,7 +34,8 @@ def read_jsonl(file: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a malformed line is an XGLMError naming it."""
     rows = []
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        # JSON Lines end at "\n" only: str.splitlines also splits at U+2028 and others, inside strings.
+        lines = file.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as e:
         raise XGLMError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -9,6 +11,16 @@ from mlx.utils import tree_flatten
 from ..checkpoints.adapters import TARGETS, LoraConfig, load_adapter_weights, wrap_modules
 from ..errors import XGLMError
 from ..model.lora import LoRALinear
+
+
+def check_lora_options(rank: int, alpha: float, dropout: float) -> None:
+    """XGLMError naming the first of the adapter's `rank`, `alpha` and `dropout` that cannot train."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise XGLMError(f"rank must be 1 or more (a whole number), got {rank}", param="rank")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise XGLMError(f"alpha must be a finite number, got {alpha}", param="alpha")
+    if not 0 <= dropout < 1:
+        raise XGLMError(f"dropout must be in [0, 1), got {dropout}", param="dropout")
 
 
 def lora_config(
@@ -27,10 +39,7 @@ def lora_config(
     update is `alpha / rank`. Raises XGLMError naming the parameter at fault.
     """
     total = len(model.layers)
-    if rank < 1:
-        raise XGLMError(f"rank must be 1 or more, got {rank}", param="rank")
-    if not 0 <= dropout < 1:
-        raise XGLMError(f"dropout must be in [0, 1), got {dropout}", param="dropout")
+    check_lora_options(rank, alpha, dropout)
     if num_layers == 0 or num_layers < -1:
         raise XGLMError(f"num_layers must be -1 (all) or 1..{total}, got {num_layers}", param="num_layers")
     if num_layers > total:
