@@ -11,6 +11,7 @@ from mlx_xglm import XGLMError
 from mlx_xglm.decoding.chat import Conversation
 from mlx_xglm.tokenization.prompt import DEFAULT_TEMPLATE, split_template
 
+from .launch import add_pipeline_arg, finish_ranks, launched_seed, refuse_launched, start_ranks
 from .options import (
     add_adapter_arg,
     add_draft_args,
@@ -66,15 +67,20 @@ def register(subparsers) -> None:
     add_sampling_args(parser, max_tokens=256)
     add_draft_args(parser)
     add_prompt_cache_args(parser)
+    add_pipeline_arg(parser)
     parser.set_defaults(run=run, usage_error=parser.error)
 
 
 def run(args: argparse.Namespace) -> int:
-    renderer = Renderer()
+    group = start_ranks()
+    refuse_launched(group, "--draft-model", args.draft_model)
+    renderer = Renderer(quiet=group.rank() != 0)
     sampling = sampling_from(args)
     template = unescape(check_utf8(args.template, "--template"))
     split_template(template)
-    model, tokenizer, _ = load_model(args.model, args.revision, renderer.spinner, args.adapter_path)
+    model, tokenizer, _ = load_model(
+        args.model, args.revision, renderer.spinner, args.adapter_path, group, args.pipeline
+    )
     draft = load_draft(args, model, tokenizer, renderer.spinner)
     sampling.update(draft)
     conversation = Conversation(
@@ -86,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         prompt_cache_size=args.prompt_cache_size,
         prompt_cache_bytes=args.prompt_cache_bytes,
     )
+    launched_seed(args, group)
     seed_from(args)
     if sys.stdin.isatty():
         # Importing readline gives input() line editing and history.
@@ -117,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
             renderer.note(f"unknown command {command}; /help lists the commands")
         else:
             answer(conversation, command, renderer, args.max_tokens, sampling)
+            finish_ranks(group)
 
 
 def answer(conversation: Conversation, message: str, renderer: Renderer, max_tokens: int, sampling) -> None:

@@ -22,6 +22,7 @@ from mlx_xglm import (
 from mlx_xglm.decoding import cached_tokens, prompt_cache_max_kv_size
 from mlx_xglm.tokenization import NEWLINES, prompt_ids
 
+from .launch import LAUNCH_NOTE, add_pipeline_arg, finish_ranks, launched_seed, refuse_launched, start_ranks
 from .options import (
     add_adapter_arg,
     add_draft_args,
@@ -37,7 +38,8 @@ from .options import (
 )
 from .render import Renderer, footer_lines
 
-EXAMPLES = """\
+EXAMPLES = (
+    """\
 examples:
   mlx-xglm generate --prompt "The capital of France is"
   mlx-xglm generate --model ./xglm-564M --prompt "Il était une fois" --max-tokens 50 --temp 0.7 --seed 1
@@ -50,6 +52,8 @@ Text goes to stdout as it is generated, then a footer with prompt and generation
 When stdout is not a terminal it gets the plain text only, and the footer goes to stderr.
 Ctrl-C stops at once, keeps the text so far, prints the stats and exits with status 130.
 """
+    + LAUNCH_NOTE % (("generate",) * 3)
+)
 
 
 def register(subparsers) -> None:
@@ -71,6 +75,7 @@ def register(subparsers) -> None:
     )
     add_sampling_args(parser, max_tokens=100)
     add_draft_args(parser)
+    add_pipeline_arg(parser)
     parser.add_argument(
         "--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)"
     )
@@ -132,10 +137,13 @@ def run(args: argparse.Namespace) -> int:
     cache_file = Path(args.prompt_cache_file) if args.prompt_cache_file else None
     if cache_file is not None:
         check_cache_path(cache_file)
-    renderer = Renderer(quiet=args.quiet or args.json)
+    group = start_ranks()
+    refuse_launched(group, "--prompt-cache-file", cache_file)
+    refuse_launched(group, "--draft-model", args.draft_model)
+    renderer = Renderer(quiet=args.quiet or args.json or group.rank() != 0)
     sampling = sampling_from(args)
     model, tokenizer, load_seconds = load_model(
-        args.model, args.revision, renderer.spinner, args.adapter_path
+        args.model, args.revision, renderer.spinner, args.adapter_path, group, args.pipeline
     )
     if args.draft_model is not None and cache_file is not None:
         raise XGLMError("--draft-model cannot be combined with --prompt-cache-file")
@@ -156,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         cache += make_prompt_cache(draft["draft_model"])
     cached = cached_tokens(cache)
     ids = prompt_ids(tokenizer, prompt, cached, args.newlines)
+    launched_seed(args, group)
     seed_from(args)
     responses = stream_generate(
         model,
@@ -180,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
                 renderer.write(last.text)
     except KeyboardInterrupt:
         status = 130
+    finish_ranks(group)
     finish = "interrupted" if status else getattr(last, "finish_reason", None)
 
     if cache_file is not None and cached == 0 and not status:

@@ -21,6 +21,7 @@ import traceback
 import warnings
 
 from mlx_xglm import XGLMError, __version__
+from mlx_xglm.world import RankFailed, is_quiet_rank
 
 COMMANDS: list[str] = [
     "generate",
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except XGLMError as e:
-        print(error_line(e, getattr(args, "flags", {})), file=sys.stderr)
+        if not (isinstance(e, RankFailed) and is_quiet_rank()):
+            print(error_line(e, getattr(args, "flags", {})), file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         # Ctrl-C (or SIGTERM/SIGHUP while an output was written) before any text was made: end the line

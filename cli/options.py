@@ -8,7 +8,7 @@ import time
 import mlx.core as mx
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from mlx_xglm import XGLMError, load, make_logits_processors, make_sampler
+from mlx_xglm import XGLMError, load, make_logits_processors, make_sampler, sharded_load
 from mlx_xglm.checkpoints.hub import resolve_model_path
 from mlx_xglm.decoding.prefix_cache import DEFAULT_PROMPT_CACHE_SIZE
 from mlx_xglm.decoding.speculative import check_draft_model
@@ -143,9 +143,16 @@ def add_adapter_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model(name: str, revision: str | None, spinner, adapter_path: str | None = None) -> tuple:
+def load_model(
+    name: str,
+    revision: str | None,
+    spinner,
+    adapter_path: str | None = None,
+    group=None,
+    pipeline: bool = False,
+) -> tuple:
     """`(model, tokenizer, seconds)` for `--model NAME --revision REF` (and `--adapter-path DIR`),
-    showing a spinner while it loads.
+    showing a spinner while it loads; split over `group` under mlx.launch (`pipeline`: by layers).
 
     A Hub repo id that is not in the local cache while offline gets a hint to pass a local folder.
     """
@@ -158,7 +165,11 @@ def load_model(name: str, revision: str | None, spinner, adapter_path: str | Non
             raise XGLMError(f"{e} (--model PATH)") from None
         raise
     with spinner(f"Loading {name}"):
-        model, tokenizer = load(path, adapter_path=adapter_path)
+        if group is not None and group.size() > 1:
+            groups = {"pipeline_group" if pipeline else "tensor_group": group}
+            model, tokenizer = sharded_load(path, adapter_path=adapter_path, **groups)
+        else:
+            model, tokenizer = load(path, adapter_path=adapter_path)
     return model, tokenizer, time.perf_counter() - start
 
 

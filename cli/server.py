@@ -8,6 +8,7 @@ import os
 from mlx_xglm import XGLMError
 from mlx_xglm.tokenization.prompt import DEFAULT_TEMPLATE, split_template
 
+from .launch import start_ranks, stop_with_launcher
 from .options import (
     add_adapter_arg,
     add_model_args,
@@ -133,7 +134,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from mlx_xglm.serving import serve
+        from mlx_xglm.serving import follow, serve
     except ImportError as e:
         raise XGLMError(
             f"mlx-xglm server needs the [server] extra ({e.name} is missing): pip install 'mlx-xglm[server]'"
@@ -147,7 +148,13 @@ def run(args: argparse.Namespace) -> int:
         "prompt_cache_bytes": args.prompt_cache_bytes,
     }
     split_template(template)  # before the model loads
-    model, tokenizer, _ = load_model(args.model, args.revision, Renderer().spinner, args.adapter_path)
+    group = start_ranks()
+    model, tokenizer, _ = load_model(args.model, args.revision, Renderer().spinner, args.adapter_path, group)
+    if group.rank() != 0:
+        follow(model, tokenizer, group, engine_args)
+        return 0
+    if group.size() > 1:
+        stop_with_launcher()
     serve(
         model,
         tokenizer,
@@ -162,5 +169,6 @@ def run(args: argparse.Namespace) -> int:
         chat_template=template,
         max_model_len=args.max_model_len,
         allowed_origins=args.allowed_origins,
+        group=group,
     )
     return 0

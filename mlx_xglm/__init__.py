@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .checkpoints import convert, load
+from .checkpoints import convert, load, sharded_load
 from .decoding import (
     BatchGenerator,
     batch_generate,
@@ -58,6 +58,7 @@ __all__ = [
     "rank",
     "save_prompt_cache",
     "score",
+    "sharded_load",
     "stream_generate",
     "trim_prompt_cache",
 ]

@@ -10,6 +10,7 @@ of any rank's failure, so all of them stop with the same error. Rank 0 reports i
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -25,9 +26,54 @@ class RankFailed(XGLMError):
     """A failure every rank agreed on: rank 0 reports it, the other ranks leave without a word."""
 
 
+# What `mlx.launch` exports for each backend: a process that sees one of them was started by the launcher.
+LAUNCH_SIZE_FILES = ("MLX_HOSTFILE", "MLX_IBV_DEVICES")
+
+
 def world(group=None):
-    """The process group to share work over: `group`, or the launcher's (one process when not launched)."""
-    return group if group is not None else mx.distributed.init()
+    """The process group to share work over: `group`, or the launcher's (one process when not launched).
+
+    A process that `mlx.launch` started as one of several ranks, but whose MLX has no working backend for
+    the launcher's (so that it would silently run alone), gets a RankFailed: every rank meets the same.
+    """
+    if group is not None:
+        return group
+    group = mx.distributed.init()
+    if group.size() == 1 and launched_size() > 1:
+        raise RankFailed(
+            f"mlx.launch started this process as rank {os.environ.get('MLX_RANK')} of {launched_size()}, "
+            "but this MLX has no working distributed backend for it (ring, mpi or jaccl); check the "
+            "launcher's --backend and that every host runs the same MLX build"
+        )
+    return group
+
+
+def launched_size() -> int:
+    """How many ranks `mlx.launch` says it started (1 when not launched)."""
+    if "MLX_RANK" not in os.environ:
+        return 1
+    if os.environ.get("MLX_WORLD_SIZE", "").isdigit():
+        return int(os.environ["MLX_WORLD_SIZE"])
+    for name in LAUNCH_SIZE_FILES:
+        try:
+            with open(os.environ[name], encoding="utf-8") as f:
+                return max(len(json.load(f)), 1)
+        except (KeyError, OSError, ValueError, TypeError):
+            continue
+    return 1
+
+
+def is_quiet_rank() -> bool:
+    """True in a launched rank other than 0: it leaves a RankFailed without a word (rank 0 reports it)."""
+    return os.environ.get("MLX_RANK", "0") != "0"
+
+
+def share_seed(seed: int | None, group) -> int | None:
+    """`seed`, or (on several ranks, without one) a seed rank 0 draws: every rank samples the same tokens."""
+    if seed is not None or group.size() == 1:
+        return seed
+    mine = int(np.random.default_rng().integers(0, 2**31)) if group.rank() == 0 else 0
+    return int(mx.distributed.all_sum(mx.array(mine), group=group, stream=mx.cpu).item())
 
 
 def is_main_process(group=None) -> bool:

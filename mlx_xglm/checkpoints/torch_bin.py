@@ -92,12 +92,20 @@ class TorchTensor:
         if self.offset + _extent(self.shape, self.stride) > elements:
             raise bad(f"runs past the end of its storage {self.storage.key} ({elements} elements)")
 
-    def load(self) -> mx.array:
-        """The tensor's values as an mx.array (reads its storage from the archive); `check` comes first."""
+    def load(self, start: int = 0, stop: int | None = None) -> mx.array:
+        """The tensor's values as an mx.array (reads its storage from the archive); `check` comes first.
+
+        `start` and `stop` keep only those rows (first axis): a stored member is mapped, not copied, so
+        only their bytes are read.
+        """
         data = self.archive.read_storage(self.storage)
         itemsize = data.itemsize
+        shape, offset = self.shape, self.offset
+        if shape:
+            stop = shape[0] if stop is None else stop
+            shape, offset = (stop - start, *shape[1:]), offset + start * self.stride[0]
         view = np.lib.stride_tricks.as_strided(
-            data[self.offset :], self.shape, [s * itemsize for s in self.stride], writeable=False
+            data[offset:], shape, [s * itemsize for s in self.stride], writeable=False
         )
         array = mx.array(view if view.flags.c_contiguous else view.copy())
         return array.view(mx.bfloat16) if self.storage.kind == "BFloat16Storage" else array

@@ -18,6 +18,7 @@ from .dropout import Dropout, dropout_key, keyed_call, layer_key
 from .forward import causal_lm_forward, model_forward
 from .masks import Positions, additive_mask, causal
 from .positions import XGLMSinusoidalPositionalEmbedding
+from .sharding import pipeline, shard
 
 
 class XGLMAttention(nn.Module):
@@ -213,6 +214,14 @@ class XGLMForCausalLM(nn.Module):
     @property
     def layers(self) -> list[XGLMDecoderLayer]:
         return self.model.layers
+
+    def shard(self, group=None) -> None:
+        """Tensor parallelism over `group` (default: the launcher's), in place; see sharding.py."""
+        shard(self, group or mx.distributed.init())
+
+    def pipeline(self, group=None) -> None:
+        """Keep only this rank's slice of the layers (default group: the launcher's); see sharding.py."""
+        pipeline(self, group or mx.distributed.init())
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]

@@ -7,6 +7,6 @@ the app with `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/tokenize
 
 from .app import create_app
 from .engine import Engine
-from .server import serve
+from .server import follow, serve
 
-__all__ = ["Engine", "create_app", "serve"]
+__all__ = ["Engine", "create_app", "follow", "serve"]

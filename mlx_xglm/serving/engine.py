@@ -175,15 +175,7 @@ class Engine:
         generator = self._new_generator()
         stalled = False
         while True:
-            commands = []
-            if not self._running:
-                commands.append(self._inbox.get())
-            elif stalled:  # rows are waiting but the last step gave no token: do not spin
-                with contextlib.suppress(queue.Empty):
-                    commands.append(self._inbox.get(timeout=STALL_WAIT))
-            while not self._inbox.empty():
-                commands.append(self._inbox.get())
-            for kind, payload in commands:
+            for kind, payload in self._collect(stalled):
                 if kind == "stop":
                     self._finish_all(generator, "abort")
                     return
@@ -202,6 +194,18 @@ class Engine:
                 log.exception("a decoding step failed; failing its requests and starting a fresh batch")
                 self._fail_all(APIError(500, "decoding failed on the server; see its log"))
                 generator = self._new_generator()
+
+    def _collect(self, stalled: bool) -> list[tuple[str, object]]:
+        """The commands for the next step: waits for one when no row runs, a moment when `stalled`."""
+        commands = []
+        if not self._running:
+            commands.append(self._inbox.get())
+        elif stalled:  # rows are waiting but the last step gave no token: do not spin
+            with contextlib.suppress(queue.Empty):
+                commands.append(self._inbox.get(timeout=STALL_WAIT))
+        while not self._inbox.empty():
+            commands.append(self._inbox.get())
+        return commands
 
     def _new_generator(self) -> BatchGenerator:
         return BatchGenerator(self.model, stop_tokens={self.tokenizer.eos_token_id}, **self._generator_args)

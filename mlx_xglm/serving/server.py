@@ -10,6 +10,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .app import create_app
 from .engine import Engine
+from .ranks import FollowerEngine, LeaderEngine
 
 # Seconds uvicorn waits for open responses after a signal; the engine has ended their rows by then.
 GRACEFUL_SECONDS = 5
@@ -66,9 +67,13 @@ def serve(
     port: int = 8080,
     log_level: str = "info",
     engine_args: dict | None = None,
+    group=None,
     **app_args,
 ) -> None:
     """Serve `model` on `host:port` until SIGINT or SIGTERM.
+
+    With a `group` of several processes (`mlx.launch`, the model sharded over it) this is rank 0, which
+    shares each step's work with the other ranks; they run `follow` meanwhile.
 
     `engine_args` go to `Engine` (`max_batch`, `max_queue`, `max_kv_size`, `prefill_step_size`,
     `prompt_cache_size`, `prompt_cache_bytes`),
@@ -76,7 +81,10 @@ def serve(
     `max_model_len`, `allowed_origins`, `body_timeout`). Request headers must arrive within 10 seconds.
     `log_level` sets both uvicorn's and the per-request log lines' level.
     """
-    engine = Engine(model, tokenizer, **(engine_args or {}))
+    if group is not None and group.size() > 1:
+        engine = LeaderEngine(model, tokenizer, group, **(engine_args or {}))
+    else:
+        engine = Engine(model, tokenizer, **(engine_args or {}))
     app = create_app(engine, model_id, **app_args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=log_level.upper())
     logging.getLogger("mlx_xglm.serving").setLevel(log_level.upper())
@@ -90,3 +98,8 @@ def serve(
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
     )
     _Server(config, engine).run()
+
+
+def follow(model, tokenizer, group, engine_args: dict | None = None) -> None:
+    """On a rank other than 0 of `group`: run the work rank 0's `serve` shares until it stops."""
+    FollowerEngine(model, tokenizer, group, **(engine_args or {})).run()
