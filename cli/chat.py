@@ -15,11 +15,13 @@ from .launch import add_pipeline_arg, finish_ranks, launched_seed, refuse_launch
 from .options import (
     add_adapter_arg,
     add_draft_args,
+    add_kv_cache_args,
     add_model_args,
     add_prompt_cache_args,
     add_sampling_args,
     check_utf8,
     help_formatter,
+    kv_cache_from,
     load_draft,
     load_model,
     sampling_from,
@@ -67,6 +69,7 @@ def register(subparsers) -> None:
     add_sampling_args(parser, max_tokens=256)
     add_draft_args(parser)
     add_prompt_cache_args(parser)
+    add_kv_cache_args(parser)
     add_pipeline_arg(parser)
     parser.set_defaults(run=run, usage_error=parser.error)
 
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_launched(group, "--draft-model", args.draft_model)
     renderer = Renderer(quiet=group.rank() != 0)
     sampling = sampling_from(args)
+    sampling.update(kv_cache_from(args))
     template = unescape(check_utf8(args.template, "--template"))
     split_template(template)
     model, tokenizer, _ = load_model(

@@ -12,9 +12,9 @@ API (mlx-lm's names; others code against it):
 `Response.token` is the sampled id; `logprobs` the full log-softmax row [vocab] (an `mx.array`, after the
 row's logits processors) it was sampled from; `finish_reason` is None while the row goes on, "stop" when
 the token is one of `stop_tokens` (the token is still returned) and "length" at the row's `max_tokens`.
-A finished row's response carries its `prompt_cache` (one single-row cache per layer), which has read its
-cache's tokens, its prompt and every token it returned: a later prompt that starts with them can go on
-from it.
+A finished row's response carries its `prompt_cache` (one single-row cache per layer; None in a quantized
+batch), which has read its cache's tokens, its prompt and every token it returned: a later prompt that
+starts with them can go on from it.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import mlx.core as mx
 
 from ..errors import XGLMError
 from ..model.batch_cache import BatchKVCache
+from ..model.cache import QuantizedKVCache
 from ..model.token_ids import check_token_ids
-from .cache import check_prompt_cache
+from .cache import check_kv_bits, check_prompt_cache, maybe_quantize_kv_cache
 from .rows import CLEAR_CACHE_EVERY, Rows
 from .sample_utils import LogitsProcessor, Sampler, greedy
 
@@ -89,7 +90,9 @@ class BatchGenerator:
     one of `stop_tokens`. At most `completion_batch_size` rows decode together; waiting prompts are
     prefilled `prefill_batch_size` at a time (left-padded, positions counted over real tokens, in chunks
     of `prefill_step_size`) and join at the next step. Every row's cache keeps its own window with
-    `max_kv_size`. Each row's tokens equal those of its prompt decoded alone.
+    `max_kv_size`. With `kv_bits`, the batch's keys and values are quantized (`kv_group_size` values per
+    scale) once it holds more than `quantized_kv_start` positions, as `generate_step`'s; rows joining a
+    quantized batch are quantized. Each row's tokens equal those of its prompt decoded alone.
     """
 
     def __init__(
@@ -102,6 +105,9 @@ class BatchGenerator:
         prefill_batch_size: int = 8,
         prefill_step_size: int = 512,
         max_kv_size: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 0,
     ):
         for name, value in [
             ("completion_batch_size", completion_batch_size),
@@ -114,6 +120,8 @@ class BatchGenerator:
             raise XGLMError(
                 f"max_kv_size must be a positive number of tokens, got {max_kv_size}", param="max_kv_size"
             )
+        check_kv_bits(kv_bits, kv_group_size, quantized_kv_start, max_kv_size, model.config.head_dim)
+        self.kv_bits, self.kv_group_size, self.quantized_kv_start = kv_bits, kv_group_size, quantized_kv_start
         self.model = model
         self.max_tokens = max_tokens
         self.stop_tokens = set(stop_tokens or ())
@@ -166,6 +174,13 @@ class BatchGenerator:
                     raise XGLMError(
                         f"a prompt cache made with max_kv_size {getattr(cache[0], 'max_size', None)} cannot "
                         f"continue in a generator with max_kv_size {self.max_kv_size}; make both the same",
+                        param="caches",
+                    )
+                bits = getattr(cache[0], "bits", None)
+                if bits is not None and (bits, cache[0].group_size) != (self.kv_bits, self.kv_group_size):
+                    raise XGLMError(
+                        f"a prompt cache quantized to {bits} bits in groups of {cache[0].group_size} needs a "
+                        "generator with that kv_bits and kv_group_size",
                         param="caches",
                     )
             self._waiting.append(
@@ -246,9 +261,10 @@ class BatchGenerator:
             if room < 1:
                 return
             take = min(room, self.prefill_batch_size, len(self._waiting))
-            if self.max_kv_size is not None:
+            if self.max_kv_size is not None or self.kv_bits is not None:
                 # A window drops old columns while the longest row is read, which the shorter rows of a
-                # right-padded prefill may still need: there, a row with its own cache is prefilled alone.
+                # right-padded prefill may still need, and quantized keys are not moved: there, a row with
+                # its own cache is prefilled alone.
                 cached = [i for i, r in enumerate(self._waiting[:take]) if r.cache is not None]
                 if cached:
                     take = max(cached[0], 1)
@@ -257,6 +273,9 @@ class BatchGenerator:
             if self._active is None:
                 self._active = rows
             else:
+                if any(isinstance(r.cache[0], QuantizedKVCache) for r in (self._active, rows)):
+                    for r in (self._active, rows):
+                        maybe_quantize_kv_cache(r.cache, -1, self.kv_group_size, self.kv_bits)
                 self._active.extend(rows)
 
     def next(self) -> list[Response]:
@@ -271,6 +290,7 @@ class BatchGenerator:
         if rows is None:
             return []
         y, logprobs = rows.y, rows.logprobs
+        maybe_quantize_kv_cache(rows.cache, self.quantized_kv_start, self.kv_group_size, self.kv_bits)
         rows.step(self.model)
         tokens = y.tolist()
         responses, keep = [], []
@@ -283,7 +303,9 @@ class BatchGenerator:
             else:
                 reason = None
                 keep.append(b)
-            cache = None if reason is None else [c.extract(b) for c in rows.cache]
+            cache = None
+            if reason is not None and not isinstance(rows.cache[0], QuantizedKVCache):
+                cache = [c.extract(b) for c in rows.cache]
             responses.append(Response(rows.uids[b], token, logprobs[b], reason, cache))
         self._drop_rows(keep)
         self._steps += 1

@@ -13,10 +13,11 @@ import logging
 import queue
 import threading
 
-from ..decoding.cache import make_prompt_cache
+from ..decoding.cache import check_kv_bits, make_prompt_cache
 from ..decoding.engine import BatchGenerator
 from ..decoding.prefix_cache import DEFAULT_PROMPT_CACHE_SIZE, PrefixCache
 from ..decoding.sample_utils import make_logits_processors
+from ..decoding.solo import SoloGenerator
 from .errors import APIError
 from .jobs import Failed, Job, Token, row_samplers
 from .scoring import prompt_logprobs, top_logprobs
@@ -31,11 +32,14 @@ class Engine:
     """Runs `model` for many requests at once on its own thread.
 
     `max_batch` rows decode together; up to `max_queue` more wait for a place, and a request that would
-    go past that gets a 503. `prefill_step_size` and `max_kv_size` go to the BatchGenerator. A prefix
-    cache of `prompt_cache_size` entries and at most `prompt_cache_bytes` bytes (None: no bound; either 0
-    turns it off) keeps finished rows' and scored prompts' caches, and a prompt that starts like one of
-    them reads only the rest. Call `start()` once an event loop runs, `shutdown()` to cancel every row
-    and end the thread.
+    go past that gets a 503. `prefill_step_size`, `max_kv_size`, `kv_bits`, `kv_group_size`
+    and `quantized_kv_start` go to the BatchGenerator. With `draft_model` (`num_draft_tokens`) or
+    `prompt_lookup_num_tokens`, rows decode one at a time by speculative or prompt-lookup decoding
+    (`SoloGenerator`), as mlx-lm's server does with a draft model. A prefix cache of
+    `prompt_cache_size` entries and at most `prompt_cache_bytes` bytes (None: no bound; either 0 turns
+    it off) keeps finished rows' and scored prompts' caches, and a prompt that starts like one of them
+    reads only the rest (not with `kv_bits`, nor with rows decoded one at a time). Call `start()` once
+    an event loop runs, `shutdown()` to cancel every row and end the thread.
     """
 
     def __init__(
@@ -49,6 +53,12 @@ class Engine:
         max_kv_size: int | None = None,
         prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE,
         prompt_cache_bytes: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 0,
+        draft_model=None,
+        num_draft_tokens: int = 3,
+        prompt_lookup_num_tokens: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -61,9 +71,23 @@ class Engine:
         }
         if max_kv_size is not None:
             self._generator_args["max_kv_size"] = max_kv_size
+        if kv_bits is not None:
+            check_kv_bits(kv_bits, kv_group_size, quantized_kv_start, max_kv_size, model.config.head_dim)
+            self._generator_args.update(
+                kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start
+            )
+        self._solo_args = {}
+        if draft_model is not None or prompt_lookup_num_tokens is not None:
+            self._solo_args = {
+                "draft_model": draft_model,
+                "num_draft_tokens": num_draft_tokens,
+                "prompt_lookup_num_tokens": prompt_lookup_num_tokens,
+            }
+            SoloGenerator(model, **self._solo_args, **self._cache_args())  # refuse bad settings now
         self.max_kv_size = max_kv_size
         self.prefix_cache = None
-        if prompt_cache_size != 0 and prompt_cache_bytes != 0:
+        # Quantized batches and rows decoded one at a time give no caches back to keep.
+        if prompt_cache_size != 0 and prompt_cache_bytes != 0 and kv_bits is None and not self._solo_args:
             self.prefix_cache = PrefixCache(prompt_cache_size, prompt_cache_bytes)
         # Totals for /metrics, written by the engine thread only.
         self._counts = dict.fromkeys(
@@ -207,8 +231,18 @@ class Engine:
             commands.append(self._inbox.get())
         return commands
 
-    def _new_generator(self) -> BatchGenerator:
-        return BatchGenerator(self.model, stop_tokens={self.tokenizer.eos_token_id}, **self._generator_args)
+    def _cache_args(self) -> dict:
+        names = ("kv_bits", "kv_group_size", "quantized_kv_start")
+        return {k: v for k, v in self._generator_args.items() if k in names}
+
+    def _new_generator(self) -> BatchGenerator | SoloGenerator:
+        stop = {self.tokenizer.eos_token_id}
+        if self._solo_args:  # speculative or prompt-lookup decoding: one row at a time
+            step = self._generator_args["prefill_step_size"]
+            return SoloGenerator(
+                self.model, stop_tokens=stop, prefill_step_size=step, **self._solo_args, **self._cache_args()
+            )
+        return BatchGenerator(self.model, stop_tokens=stop, **self._generator_args)
 
     def _on_insert(self, generator: BatchGenerator, job: Job) -> None:
         try:
