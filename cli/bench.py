@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_xglm import XGLMError, load
-from mlx_xglm.bench import PRESETS, benchmark, make_agreeing_draft, random_model
+from mlx_xglm.bench import PRESETS, benchmark, blas_library, make_agreeing_draft, random_model
 from mlx_xglm.checkpoints import DTYPES, quantize_model
 from mlx_xglm.decoding.speculative import check_draft_model
 
@@ -114,6 +114,7 @@ def run(args) -> int:
         prompt_tokens=args.prompt_tokens,
         gen_tokens=args.gen_tokens,
         device=str(mx.default_device()),
+        blas=blas_library(),
     )
 
     def progress(i, trial, plain=None):
@@ -165,6 +166,6 @@ def run(args) -> int:
     Console(file=sys.stdout).print(table)
     print(
         f"weights {summary['weight_gb']:.3f} GB read per token, copy bandwidth "
-        f"{summary['bandwidth_gbs']:.1f} GB/s, {config['device']}"
+        f"{summary['bandwidth_gbs']:.1f} GB/s, {config['device']}, BLAS: {config['blas']}"
     )
     return 0

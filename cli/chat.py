@@ -15,10 +15,13 @@ from .launch import add_pipeline_arg, finish_ranks, launched_seed, refuse_launch
 from .options import (
     add_adapter_arg,
     add_draft_args,
+    add_kv_cache_args,
     add_model_args,
+    add_prompt_cache_args,
     add_sampling_args,
     check_utf8,
     help_formatter,
+    kv_cache_from,
     load_draft,
     load_model,
     sampling_from,
@@ -65,6 +68,8 @@ def register(subparsers) -> None:
     )
     add_sampling_args(parser, max_tokens=256)
     add_draft_args(parser)
+    add_prompt_cache_args(parser)
+    add_kv_cache_args(parser)
     add_pipeline_arg(parser)
     parser.set_defaults(run=run, usage_error=parser.error)
 
@@ -74,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_launched(group, "--draft-model", args.draft_model)
     renderer = Renderer(quiet=group.rank() != 0)
     sampling = sampling_from(args)
+    sampling.update(kv_cache_from(args))
     template = unescape(check_utf8(args.template, "--template"))
     split_template(template)
     model, tokenizer, _ = load_model(
@@ -82,7 +88,13 @@ def run(args: argparse.Namespace) -> int:
     draft = load_draft(args, model, tokenizer, renderer.spinner)
     sampling.update(draft)
     conversation = Conversation(
-        model, tokenizer, template, max_kv_size=args.max_kv_size, draft_model=draft.get("draft_model")
+        model,
+        tokenizer,
+        template,
+        max_kv_size=args.max_kv_size,
+        draft_model=draft.get("draft_model"),
+        prompt_cache_size=args.prompt_cache_size,
+        prompt_cache_bytes=args.prompt_cache_bytes,
     )
     launched_seed(args, group)
     seed_from(args)

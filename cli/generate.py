@@ -26,10 +26,12 @@ from .launch import LAUNCH_NOTE, add_pipeline_arg, finish_ranks, launched_seed, 
 from .options import (
     add_adapter_arg,
     add_draft_args,
+    add_kv_cache_args,
     add_model_args,
     add_sampling_args,
     check_utf8,
     help_formatter,
+    kv_cache_from,
     load_draft,
     load_model,
     sampling_from,
@@ -75,6 +77,7 @@ def register(subparsers) -> None:
     )
     add_sampling_args(parser, max_tokens=100)
     add_draft_args(parser)
+    add_kv_cache_args(parser)
     add_pipeline_arg(parser)
     parser.add_argument(
         "--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)"
@@ -142,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_launched(group, "--draft-model", args.draft_model)
     renderer = Renderer(quiet=args.quiet or args.json or group.rank() != 0)
     sampling = sampling_from(args)
+    sampling.update(kv_cache_from(args))
     model, tokenizer, load_seconds = load_model(
         args.model, args.revision, renderer.spinner, args.adapter_path, group, args.pipeline
     )
@@ -160,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
             )
     else:
         cache = make_prompt_cache(model, max_kv_size=args.max_kv_size)
-    if draft:
+    if "draft_model" in draft:
         cache += make_prompt_cache(draft["draft_model"])
     cached = cached_tokens(cache)
     ids = prompt_ids(tokenizer, prompt, cached, args.newlines)

@@ -10,6 +10,8 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 
 from mlx_xglm import XGLMError, load, make_logits_processors, make_sampler, sharded_load
 from mlx_xglm.checkpoints.hub import resolve_model_path
+from mlx_xglm.decoding.cache import check_kv_bits
+from mlx_xglm.decoding.prefix_cache import DEFAULT_PROMPT_CACHE_SIZE
 from mlx_xglm.decoding.speculative import check_draft_model
 
 DEFAULT_MODEL = "facebook/xglm-564M"
@@ -76,6 +78,70 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
         metavar="N",
         help="keep only the last N positions in the KV cache (bounded memory for long runs)",
     )
+
+
+def non_negative(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def add_prompt_cache_args(parser: argparse.ArgumentParser) -> None:
+    """mlx-lm's --prompt-cache-size and --prompt-cache-bytes: the bounds of the prefix cache."""
+    parser.add_argument(
+        "--prompt-cache-size",
+        type=non_negative,
+        default=DEFAULT_PROMPT_CACHE_SIZE,
+        metavar="N",
+        help="keep the KV caches of up to N token sequences; a prompt that starts like one reads only the "
+        f"rest (0: off; default: {DEFAULT_PROMPT_CACHE_SIZE})",
+    )
+    parser.add_argument(
+        "--prompt-cache-bytes",
+        type=non_negative,
+        default=None,
+        metavar="B",
+        help="and at most B bytes of them (0: off; default: no bound)",
+    )
+
+
+def add_kv_cache_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("KV cache (mlx-lm's flags)")
+    group.add_argument(
+        "--kv-bits",
+        type=int,
+        default=None,
+        metavar="B",
+        help="quantize the KV cache to B bits (default: off)",
+    )
+    group.add_argument(
+        "--kv-group-size",
+        type=int,
+        default=64,
+        metavar="N",
+        help="values per quantization scale (default: 64)",
+    )
+    group.add_argument(
+        "--quantized-kv-start",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="with --kv-bits, quantize once the cache holds more than N positions (default: 5000)",
+    )
+
+
+def kv_cache_from(args: argparse.Namespace) -> dict:
+    """`kv_bits`, `kv_group_size` and `quantized_kv_start` for stream_generate (empty without --kv-bits)."""
+    if args.kv_bits is None:
+        return {}
+    check_kv_bits(args.kv_bits, args.kv_group_size, args.quantized_kv_start, args.max_kv_size)
+    return {
+        "kv_bits": args.kv_bits,
+        "kv_group_size": args.kv_group_size,
+        "quantized_kv_start": args.quantized_kv_start,
+    }
 
 
 def check_seed(seed: int | None) -> None:
@@ -156,12 +222,33 @@ def add_draft_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--num-draft-tokens", type=int, default=3, metavar="N", help="tokens proposed per step (default: 3)"
     )
+    group.add_argument(
+        "--prompt-lookup-tokens",
+        type=int,
+        metavar="N",
+        help="no draft model: propose up to N tokens copied from where the last tokens occurred earlier in "
+        "the prompt or the text so far (the same output, faster when the text copies its prompt)",
+    )
 
 
 def load_draft(args: argparse.Namespace, model, tokenizer, spinner) -> dict:
-    """`draft_model` and `num_draft_tokens` for stream_generate from --draft-model (empty without it)."""
+    """`draft_model` and `num_draft_tokens` for stream_generate from --draft-model, or
+    `prompt_lookup_num_tokens` from --prompt-lookup-tokens (empty without either)."""
+    lookup = args.prompt_lookup_tokens
+    if lookup is not None:
+        if args.draft_model is not None:
+            raise XGLMError("give --draft-model or --prompt-lookup-tokens, not both")
+        if lookup < 1:
+            raise XGLMError(f"--prompt-lookup-tokens must be 1 or more, got {lookup}")
+        if args.max_kv_size is not None:
+            raise XGLMError(
+                "--prompt-lookup-tokens cannot take --max-kv-size (rejected tokens are taken back)"
+            )
+        return {"prompt_lookup_num_tokens": lookup}
     if args.draft_model is None:
         return {}
+    if args.kv_bits is not None:
+        raise XGLMError("--draft-model cannot take --kv-bits (speculative decoding keeps float caches)")
     if args.num_draft_tokens < 1:
         raise XGLMError(f"--num-draft-tokens must be 1 or more, got {args.num_draft_tokens}")
     if args.max_kv_size is not None:

@@ -8,8 +8,19 @@ import os
 from mlx_xglm import XGLMError
 from mlx_xglm.tokenization.prompt import DEFAULT_TEMPLATE, split_template
 
-from .launch import start_ranks, stop_with_launcher
-from .options import add_adapter_arg, add_model_args, help_formatter, load_model, unescape
+from .launch import refuse_launched, start_ranks, stop_with_launcher
+from .options import (
+    add_adapter_arg,
+    add_draft_args,
+    add_kv_cache_args,
+    add_model_args,
+    add_prompt_cache_args,
+    help_formatter,
+    kv_cache_from,
+    load_draft,
+    load_model,
+    unescape,
+)
 from .render import Renderer
 
 EXAMPLES = r"""
@@ -19,8 +30,8 @@ examples:
   MLX_XGLM_API_KEY=secret mlx-xglm server --host 0.0.0.0
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize,
-POST /detokenize, GET /tokenizer_info, GET /health. Ctrl-C or SIGTERM stops it: running requests end with
-finish_reason "abort" and the server exits within seconds.
+POST /detokenize, GET /tokenizer_info, GET /health, GET /metrics (Prometheus). Ctrl-C or SIGTERM stops
+it: running requests end with finish_reason "abort" and the server exits within seconds.
 """
 
 
@@ -109,6 +120,9 @@ def register(subparsers) -> None:
         metavar="N",
         help="keep only the last N positions of each row's KV cache",
     )
+    add_prompt_cache_args(parser)
+    add_kv_cache_args(parser)
+    add_draft_args(parser)
     parser.add_argument(
         "--chat-template",
         default=DEFAULT_TEMPLATE.replace("\n", "\\n"),
@@ -132,15 +146,26 @@ def run(args: argparse.Namespace) -> int:
             f"mlx-xglm server needs the [server] extra ({e.name} is missing): pip install 'mlx-xglm[server]'"
         ) from None
     template = unescape(args.chat_template)
-    engine_args = {"max_batch": args.max_batch, "max_queue": args.max_queue, "max_kv_size": args.max_kv_size}
+    engine_args = {
+        "max_batch": args.max_batch,
+        "max_queue": args.max_queue,
+        "max_kv_size": args.max_kv_size,
+        "prompt_cache_size": args.prompt_cache_size,
+        "prompt_cache_bytes": args.prompt_cache_bytes,
+    }
+    engine_args.update(kv_cache_from(args))
     split_template(template)  # before the model loads
     group = start_ranks()
-    model, tokenizer, _ = load_model(args.model, args.revision, Renderer().spinner, args.adapter_path, group)
+    refuse_launched(group, "--draft-model", args.draft_model)
+    refuse_launched(group, "--prompt-lookup-tokens", args.prompt_lookup_tokens)
+    spinner = Renderer().spinner
+    model, tokenizer, _ = load_model(args.model, args.revision, spinner, args.adapter_path, group)
     if group.rank() != 0:
         follow(model, tokenizer, group, engine_args)
         return 0
     if group.size() > 1:
         stop_with_launcher()
+    engine_args.update(load_draft(args, model, tokenizer, spinner))
     serve(
         model,
         tokenizer,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -93,6 +95,31 @@ def make_agreeing_draft(model: XGLMForCausalLM, layers: int) -> XGLMForCausalLM:
     mx.eval(model.parameters())
     draft.eval()
     return draft
+
+
+def blas_library() -> str:
+    """The BLAS library this process has loaded for MLX's CPU matmuls, read from /proc/self/maps on Linux.
+
+    A preloaded Intel MKL or OpenBLAS (LD_PRELOAD) takes the calls before the reference BLAS that the
+    mlx[cpu] wheel bundles, so they are named first; numpy's private OpenBLAS copy is not MLX's. On macOS,
+    MLX uses Accelerate.
+    """
+    if sys.platform == "darwin":
+        return "Accelerate"
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    paths = sorted({line.split()[-1] for line in lines if line.split()[-1].startswith("/")})
+    for label, test in [
+        ("Intel MKL", lambda path: "/libmkl_rt" in path),
+        ("OpenBLAS", lambda path: "openblas" in path and "scipy_openblas" not in path),
+        ("reference BLAS", lambda path: "/libblas" in path),
+    ]:
+        found = [p for p in paths if test(p.lower())]
+        if found:
+            return f"{label} ({found[0]})"
+    return "unknown"
 
 
 def weight_bytes(model: nn.Module) -> int:

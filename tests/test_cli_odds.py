@@ -1,5 +1,5 @@
 """Command-line odds: bad seeds and bytes, flags that would be ignored, closed pipes, the exit with a
-preloaded OpenBLAS, `mlx-xglm tiny`, and bench's progress lines."""
+preloaded OpenBLAS or MKL, the BLAS bench names, `mlx-xglm tiny`, and bench's progress lines."""
 
 import json
 import os
@@ -16,6 +16,7 @@ from mlx_xglm import load
 
 CLI = [sys.executable, "-m", "mlx_xglm.cli"]
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
+MKL = Path(sys.prefix) / "lib" / "libmkl_rt.so.3"  # pip install mkl
 
 
 def env(**extra):
@@ -102,6 +103,32 @@ def test_a_closed_pipe_is_a_quiet_normal_end(tiny_checkpoint):
 def test_bench_exits_with_openblas_preloaded():
     """The interpreter's normal exit hangs in OpenBLAS's thread shutdown once a large matrix-vector
     product ran on its pool (512 MB of weights or more: 564M's embedding as the head is one)."""
+    result = run_big_bench(OPENBLAS)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["layers"] == 1 and report["blas"] == f"OpenBLAS ({OPENBLAS})"
+
+
+@pytest.mark.skipif(not MKL.exists(), reason="pip's mkl package is not installed in this environment")
+def test_bench_exits_with_mkl_preloaded_and_names_it():
+    result = run_big_bench(MKL)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["blas"] == f"Intel MKL ({MKL})"
+
+
+def test_bench_names_the_bundled_reference_blas_without_a_preload():
+    result = run(
+        "bench", "--preset", "tiny", "--prompt-tokens", 4, "--gen-tokens", 2, "--trials", 1, "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    if sys.platform == "darwin":
+        assert json.loads(result.stdout)["blas"] == "Accelerate"
+    else:
+        assert json.loads(result.stdout)["blas"].startswith("reference BLAS (")
+
+
+def run_big_bench(preload: Path) -> subprocess.CompletedProcess:
+    """A bench that runs a 512 MB matrix-vector product on the preloaded BLAS, then exits."""
     args = [
         "bench",
         "--preset",
@@ -115,9 +142,7 @@ def test_bench_exits_with_openblas_preloaded():
         "--trials",
         1,
     ]
-    result = run(*args, "--json", timeout=300, LD_PRELOAD=str(OPENBLAS))
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["layers"] == 1
+    return run(*args, "--json", timeout=300, LD_PRELOAD=str(preload))
 
 
 def test_tiny_writes_the_checkpoint_the_tests_use(tiny_checkpoint, tmp_path):

@@ -37,6 +37,9 @@ def batch_generate(
     max_kv_size: int | None = None,
     prompt_cache: list | None = None,
     completion_batch_size: int = 32,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
     verbose: bool = False,
 ) -> BatchResponse:
     """Generate for several prompts at once; each row ends on its own and equals its unbatched output.
@@ -45,7 +48,8 @@ def batch_generate(
     over real tokens, at most `completion_batch_size` at a time). `sampler`, `logits_processors`, `stop`,
     `newlines` and `max_kv_size` act per row as in `stream_generate`. `prompt_cache` continues every row
     from one cache (e.g. a shared prefix) or, given as a list of caches, each row from its own; the caches
-    are read, not changed, and a rotating one's window is the default `max_kv_size`. `verbose` prints the
+    are read, not changed, and a rotating one's window is the default `max_kv_size`. `kv_bits`,
+    `kv_group_size` and `quantized_kv_start` quantize the cache as in `generate_step`. `verbose` prints the
     stats footer.
     """
     if prompt_cache is not None and prompt_cache and isinstance(prompt_cache[0], list):
@@ -71,6 +75,9 @@ def batch_generate(
         completion_batch_size=completion_batch_size,
         prefill_step_size=prefill_step_size,
         max_kv_size=max_kv_size,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
     )
     uids = gen.insert(
         rows, caches=None if prompt_cache is None else caches, logits_processors=logits_processors

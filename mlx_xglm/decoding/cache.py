@@ -8,9 +8,9 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import XGLMError
-from ..model.cache import CACHE_TYPES, RotatingKVCache
+from ..model.cache import CACHE_TYPES, KVCache, QuantizedKVCache, RotatingKVCache
 from ..outputs import save_safetensors, staged_file
-from .cache_files import FINGERPRINT_KEY, check_cache_file
+from .cache_files import FINGERPRINT_KEY, QUANTIZED_PARTS, check_cache_file
 
 
 def make_prompt_cache(model, max_kv_size: int | None = None) -> list:
@@ -18,6 +18,44 @@ def make_prompt_cache(model, max_kv_size: int | None = None) -> list:
     if max_kv_size is None:
         return model.make_cache()
     return [RotatingKVCache(max_kv_size) for _ in model.layers]
+
+
+def check_kv_bits(
+    kv_bits: int | None, kv_group_size: int, quantized_kv_start: int, max_kv_size=None, head_dim=None
+) -> None:
+    """Raise XGLMError unless the quantized-cache settings are usable (with a model's `head_dim`, that
+    `kv_group_size` divides it); a rotating cache is not quantized."""
+    if kv_bits is None:
+        return
+    QuantizedKVCache(kv_group_size, kv_bits)
+    if head_dim is not None and head_dim % kv_group_size:
+        raise XGLMError(
+            f"kv_group_size {kv_group_size} does not divide the model's head_dim {head_dim}; pick one of "
+            f"{QuantizedKVCache.GROUP_SIZES} that does",
+            param="kv_group_size",
+        )
+    if not (isinstance(quantized_kv_start, int) and quantized_kv_start >= 0):
+        raise XGLMError(
+            f"quantized_kv_start must be 0 or more tokens, got {quantized_kv_start}",
+            param="quantized_kv_start",
+        )
+    if max_kv_size is not None:
+        raise XGLMError(
+            "a rotating cache (max_kv_size) cannot be quantized; drop max_kv_size or kv_bits", param="kv_bits"
+        )
+
+
+def maybe_quantize_kv_cache(
+    prompt_cache: list, quantized_kv_start: int, kv_group_size: int, kv_bits: int | None
+) -> None:
+    """Replace, in place, the float caches of `prompt_cache` (single-row or batch) by quantized ones once
+    they hold more than `quantized_kv_start` positions (mlx-lm's rule; nothing happens without `kv_bits`)."""
+    if kv_bits is None:
+        return
+    for i, layer in enumerate(prompt_cache):
+        float_cache = isinstance(layer, KVCache) and not isinstance(layer, QuantizedKVCache)
+        if float_cache and layer.offset > quantized_kv_start:
+            prompt_cache[i] = layer.to_quantized(group_size=kv_group_size, bits=kv_bits)
 
 
 def cached_tokens(prompt_cache: list) -> int:
@@ -59,9 +97,11 @@ def save_prompt_cache(
         name = type(layer).__name__
         if name not in CACHE_TYPES:
             raise XGLMError(f"cannot save a prompt cache holding {name} (layer {i}); use make_prompt_cache")
-        state = layer.state
-        if state:
-            arrays[f"{i}.keys"], arrays[f"{i}.values"] = state
+        for which, part in zip(("keys", "values"), layer.state, strict=False):
+            if isinstance(part, tuple):  # a quantized cache: packed ints, scales, biases
+                arrays.update({f"{i}.{which}.{p}": a for p, a in zip(QUANTIZED_PARTS, part, strict=True)})
+            else:
+                arrays[f"{i}.{which}"] = part
         layers.append({"type": name, **layer.meta_state})
     header = {"mlx_xglm.cache": json.dumps(layers), "mlx_xglm.metadata": json.dumps(dict(metadata or {}))}
     if fingerprint is not None:
@@ -88,7 +128,13 @@ def load_prompt_cache(path: str | Path, return_metadata: bool = False, fingerpri
     cache = []
     for i, layer in enumerate(layers):
         kind = layer.pop("type")
-        state = (arrays[f"{i}.keys"], arrays[f"{i}.values"]) if f"{i}.keys" in arrays else ()
+        if kind == "QuantizedKVCache":
+            parts = [
+                tuple(arrays.get(f"{i}.{name}.{p}") for p in QUANTIZED_PARTS) for name in ("keys", "values")
+            ]
+            state = tuple(parts) if parts[0][0] is not None else ()
+        else:
+            state = (arrays[f"{i}.keys"], arrays[f"{i}.values"]) if f"{i}.keys" in arrays else ()
         cache.append(CACHE_TYPES[kind].from_state(state, layer))
     return (cache, metadata) if return_metadata else cache
 
@@ -96,7 +142,10 @@ def load_prompt_cache(path: str | Path, return_metadata: bool = False, fingerpri
 def check_prompt_cache(model, cache: list) -> None:
     """Raise XGLMError unless `cache` has the layer count and key shape of `model`."""
     config = model.config
-    want = (config.attention_heads, config.head_dim)
+    # A layer's own head count: under tensor parallelism each rank holds its share of the heads (a
+    # pipeline stage's placeholder layers have none).
+    attention = getattr(model.layers[0], "self_attn", None)
+    want = (config.attention_heads if attention is None else attention.num_heads, config.head_dim)
     if len(cache) != len(model.layers):
         raise XGLMError(
             f"the prompt cache has {len(cache)} layers but the model has {len(model.layers)}; "
@@ -104,8 +153,14 @@ def check_prompt_cache(model, cache: list) -> None:
         )
     for i, layer in enumerate(cache):
         state = layer.state
-        if state and (state[0].shape[1], state[0].shape[3]) != want:
-            heads, dims = state[0].shape[1], state[0].shape[3]
+        if not state:
+            continue
+        keys = state[0]
+        if isinstance(keys, tuple):  # packed ints, scales: one scale per group of values
+            heads, dims = keys[0].shape[1], keys[1].shape[3] * layer.group_size
+        else:
+            heads, dims = keys.shape[1], keys.shape[3]
+        if (heads, dims) != want:
             raise XGLMError(
                 f"prompt cache layer {i} holds {heads} heads of {dims} dims but the model has {want[0]} "
                 f"heads of {want[1]}; a prompt cache only works with the model that made it"

@@ -23,6 +23,8 @@ FINGERPRINT_KEY = "mlx_xglm.fingerprint"
 # Positions past this would need a sinusoid table of gigabytes: no real session reaches it.
 MAX_OFFSET = 2**20
 SAMPLES_PER_TENSOR = 16
+# A quantized cache's keys and values are each these three arrays, as mx.quantize returns them.
+QUANTIZED_PARTS = ("packed", "scales", "biases")
 
 
 def model_fingerprint(model, tokenizer=None) -> str:
@@ -51,6 +53,31 @@ def model_fingerprint(model, tokenizer=None) -> str:
 
 def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_quantized(i: int, layer: dict, arrays: dict, kept: int, bad) -> tuple[list[str], tuple | None]:
+    """The array names of quantized layer `i` and its (batch, heads), after checking shapes and dtypes."""
+    group_size, bits = layer.get("group_size"), layer.get("bits")
+    if group_size not in (32, 64, 128) or bits not in (2, 3, 4, 5, 6, 8):
+        raise bad(f"layer {i} has group_size {group_size!r} and bits {bits!r}")
+    names = [f"{i}.{name}.{p}" for name in ("keys", "values") for p in QUANTIZED_PARTS]
+    found = [arrays.get(n) for n in names]
+    if all(a is None for a in found) and not kept:
+        return [], None
+    if any(a is None for a in found):
+        raise bad(f"layer {i} holds {kept} positions but some of its quantized keys or values are missing")
+    for packed, scales, biases in (found[:3], found[3:]):
+        if (
+            packed.dtype != mx.uint32
+            or not all(mx.issubdtype(a.dtype, mx.floating) for a in (scales, biases))
+            or any(a.ndim != 4 or a.shape[:3] != found[0].shape[:3] for a in (packed, scales, biases))
+            or scales.shape != biases.shape
+            or packed.shape[3] * 32 != scales.shape[3] * group_size * bits
+        ):
+            raise bad(f"layer {i} has quantized arrays of shapes {[tuple(a.shape) for a in found]}")
+    if found[0].shape[2] != kept:
+        raise bad(f"layer {i} stores {found[0].shape[2]} positions but its offset implies {kept}")
+    return names, found[0].shape[:2]
 
 
 def check_cache_file(
@@ -97,6 +124,11 @@ def check_cache_file(
             if not _is_count(max_size) or not 1 <= max_size <= MAX_OFFSET:
                 raise bad(f"layer {i} has max_size {max_size!r}")
             kept = min(offset, max_size)
+        if kind == "QuantizedKVCache":
+            names, batch_heads = _check_quantized(i, layer, arrays, kept, bad)
+            expected.update(names)
+            shapes.add((kind, offset, None, batch_heads))
+            continue
         keys, values = arrays.get(f"{i}.keys"), arrays.get(f"{i}.values")
         if (keys is None) != (values is None) or (keys is None and kept):
             raise bad(f"layer {i} holds {kept} positions but its keys or values are missing")

@@ -12,6 +12,9 @@ API (mlx-lm's names; others code against it):
 `Response.token` is the sampled id; `logprobs` the full log-softmax row [vocab] (an `mx.array`, after the
 row's logits processors) it was sampled from; `finish_reason` is None while the row goes on, "stop" when
 the token is one of `stop_tokens` (the token is still returned) and "length" at the row's `max_tokens`.
+A finished row's response carries its `prompt_cache` (one single-row cache per layer; None in a quantized
+batch), which has read its cache's tokens, its prompt and every token it returned: a later prompt that
+starts with them can go on from it.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import mlx.core as mx
 
 from ..errors import XGLMError
 from ..model.batch_cache import BatchKVCache
+from ..model.cache import QuantizedKVCache
 from ..model.token_ids import check_token_ids
 from ..tokenization.encoding import pad_rows
-from .cache import check_prompt_cache
+from .cache import check_kv_bits, check_prompt_cache, maybe_quantize_kv_cache
 from .rows import CLEAR_CACHE_EVERY, Rows
 from .sample_utils import LogitsProcessor, Sampler, greedy
 
@@ -38,6 +42,7 @@ class Response:
     token: int
     logprobs: mx.array
     finish_reason: str | None
+    prompt_cache: list | None = None
 
 
 @dataclass
@@ -63,6 +68,14 @@ class _Request:
     processors: list[LogitsProcessor] | None
 
 
+def _joined(caches: list[BatchKVCache]) -> BatchKVCache:
+    """One batch cache of the rows of `caches` (one layer each), right-aligned."""
+    joined = caches[0]
+    for other in caches[1:]:
+        joined.extend(other)
+    return joined
+
+
 def _per_row(value, n: int, name: str) -> list:
     if value is None or not isinstance(value, list | tuple):
         return [value] * n
@@ -78,7 +91,9 @@ class BatchGenerator:
     one of `stop_tokens`. At most `completion_batch_size` rows decode together; waiting prompts are
     prefilled `prefill_batch_size` at a time (left-padded, positions counted over real tokens, in chunks
     of `prefill_step_size`) and join at the next step. Every row's cache keeps its own window with
-    `max_kv_size`. Each row's tokens equal those of its prompt decoded alone.
+    `max_kv_size`. With `kv_bits`, the batch's keys and values are quantized (`kv_group_size` values per
+    scale) once it holds more than `quantized_kv_start` positions, as `generate_step`'s; rows joining a
+    quantized batch are quantized. Each row's tokens equal those of its prompt decoded alone.
     """
 
     def __init__(
@@ -91,6 +106,9 @@ class BatchGenerator:
         prefill_batch_size: int = 8,
         prefill_step_size: int = 512,
         max_kv_size: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 0,
     ):
         for name, value in [
             ("completion_batch_size", completion_batch_size),
@@ -103,6 +121,8 @@ class BatchGenerator:
             raise XGLMError(
                 f"max_kv_size must be a positive number of tokens, got {max_kv_size}", param="max_kv_size"
             )
+        check_kv_bits(kv_bits, kv_group_size, quantized_kv_start, max_kv_size, model.config.head_dim)
+        self.kv_bits, self.kv_group_size, self.quantized_kv_start = kv_bits, kv_group_size, quantized_kv_start
         self.model = model
         self.max_tokens = max_tokens
         self.stop_tokens = set(stop_tokens or ())
@@ -129,7 +149,7 @@ class BatchGenerator:
 
         Per prompt (a list) or for all (one value): `max_tokens`, a sampler, a list of logits processors.
         `caches` holds one prompt cache (or None) per prompt to continue from; it is read, not changed,
-        must have the generator's `max_kv_size`, and its row is prefilled on its own.
+        must have the generator's `max_kv_size`. Rows with and without caches are prefilled together.
         """
         n = len(prompts)
         if any(not isinstance(p, list | tuple) or not p for p in prompts):
@@ -157,6 +177,13 @@ class BatchGenerator:
                         f"continue in a generator with max_kv_size {self.max_kv_size}; make both the same",
                         param="caches",
                     )
+                bits = getattr(cache[0], "bits", None)
+                if bits is not None and (bits, cache[0].group_size) != (self.kv_bits, self.kv_group_size):
+                    raise XGLMError(
+                        f"a prompt cache quantized to {bits} bits in groups of {cache[0].group_size} needs a "
+                        "generator with that kv_bits and kv_group_size",
+                        param="caches",
+                    )
             self._waiting.append(
                 _Request(self._next_uid, list(prompt), limit, cache, sampler or self.sampler, procs or None)
             )
@@ -171,6 +198,16 @@ class BatchGenerator:
         if self._active is not None:
             keep = [i for i, uid in enumerate(self._active.uids) if uid not in uids]
             self._drop_rows(keep)
+
+    @property
+    def num_active(self) -> int:
+        """Rows decoding now."""
+        return len(self._active) if self._active is not None else 0
+
+    @property
+    def num_waiting(self) -> int:
+        """Rows inserted and waiting for their prefill."""
+        return len(self._waiting)
 
     def stats(self) -> BatchStats:
         """Totals so far: prompt and generated tokens, their rates, and peak memory (GB)."""
@@ -187,12 +224,21 @@ class BatchGenerator:
             self._active.filter(keep)
 
     def _prefill(self, requests: list[_Request]) -> Rows:
-        if requests[0].cache is not None:
-            cache = [BatchKVCache.from_cache(c, self.max_kv_size) for c in requests[0].cache]
-        else:
-            width = max(len(r.prompt) for r in requests)
-            padding = [width - len(r.prompt) for r in requests]
+        """Prefill `requests` together: fresh prompts left-padded; when any row brings its own cache, every
+        row's cache right-aligned and its prompt right-padded, then moved right (pads to the left)."""
+        prompts = [list(r.prompt) for r in requests]
+        width = max(map(len, prompts))
+        pad = self.model.config.pad_token_id
+        lengths = None
+        if all(r.cache is None for r in requests):
+            padding = [width - len(p) for p in prompts]
             cache = [BatchKVCache(padding, max_size=self.max_kv_size) for _ in self.model.layers]
+            inputs = mx.array(pad_rows(prompts, width, pad, "left", False)["input_ids"])
+        else:
+            cache = [self._row_cache(r) for r in requests]
+            cache = [_joined([row[i] for row in cache]) for i in range(len(self.model.layers))]
+            lengths = [len(p) for p in prompts]
+            inputs = mx.array(pad_rows(prompts, width, pad, "right", False)["input_ids"])
         rows = Rows(
             [r.uid for r in requests],
             cache,
@@ -201,32 +247,37 @@ class BatchGenerator:
             [mx.array(r.prompt) if r.processors else None for r in requests],
             [r.max_tokens for r in requests],
         )
-        prompts = [list(r.prompt) for r in requests]
-        padded = pad_rows(prompts, max(map(len, prompts)), self.model.config.pad_token_id, "left", False)
-        inputs = mx.array(padded["input_ids"])
-        rows.prefill(self.model, inputs, self.prefill_step_size)
+        rows.prefill(self.model, inputs, self.prefill_step_size, lengths=lengths)
         self._stats.prompt_tokens += sum(len(r.prompt) for r in requests)
         return rows
 
+    def _row_cache(self, request: _Request) -> list[BatchKVCache]:
+        if request.cache is None:
+            return [BatchKVCache([0], max_size=self.max_kv_size) for _ in self.model.layers]
+        return [BatchKVCache.from_cache(c, self.max_kv_size) for c in request.cache]
+
     def _admit(self) -> None:
-        """Prefill waiting prompts while there is room; a prompt with its own cache is prefilled alone."""
+        """Prefill waiting prompts, `prefill_batch_size` at a time, while there is room."""
         while self._waiting:
             room = self.completion_batch_size - (len(self._active) if self._active else 0)
             if room < 1:
                 return
-            if self._waiting[0].cache is not None:
-                take = 1
-            else:
-                take = 0
-                while take < min(room, self.prefill_batch_size, len(self._waiting)):
-                    if self._waiting[take].cache is not None:
-                        break
-                    take += 1
+            take = min(room, self.prefill_batch_size, len(self._waiting))
+            if self.max_kv_size is not None or self.kv_bits is not None:
+                # A window drops old columns while the longest row is read, which the shorter rows of a
+                # right-padded prefill may still need, and quantized keys are not moved: there, a row with
+                # its own cache is prefilled alone.
+                cached = [i for i, r in enumerate(self._waiting[:take]) if r.cache is not None]
+                if cached:
+                    take = max(cached[0], 1)
             requests, self._waiting = self._waiting[:take], self._waiting[take:]
             rows = self._prefill(requests)
             if self._active is None:
                 self._active = rows
             else:
+                if any(isinstance(r.cache[0], QuantizedKVCache) for r in (self._active, rows)):
+                    for r in (self._active, rows):
+                        maybe_quantize_kv_cache(r.cache, -1, self.kv_group_size, self.kv_bits)
                 self._active.extend(rows)
 
     def next(self) -> list[Response]:
@@ -241,6 +292,7 @@ class BatchGenerator:
         if rows is None:
             return []
         y, logprobs = rows.y, rows.logprobs
+        maybe_quantize_kv_cache(rows.cache, self.quantized_kv_start, self.kv_group_size, self.kv_bits)
         rows.step(self.model)
         tokens = y.tolist()
         responses, keep = [], []
@@ -253,7 +305,10 @@ class BatchGenerator:
             else:
                 reason = None
                 keep.append(b)
-            responses.append(Response(rows.uids[b], token, logprobs[b], reason))
+            cache = None
+            if reason is not None and not isinstance(rows.cache[0], QuantizedKVCache):
+                cache = [c.extract(b) for c in rows.cache]
+            responses.append(Response(rows.uids[b], token, logprobs[b], reason, cache))
         self._drop_rows(keep)
         self._steps += 1
         if self._steps % CLEAR_CACHE_EVERY == 0:

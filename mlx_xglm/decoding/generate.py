@@ -12,7 +12,15 @@ from ..errors import XGLMError
 from ..model.token_ids import check_token_ids
 from ..tokenization.detokenizer import StreamingDetokenizer
 from ..tokenization.prompt import Newlines, prompt_ids
-from .cache import cached_tokens, check_prompt_cache, make_prompt_cache
+from .cache import (
+    cached_tokens,
+    check_kv_bits,
+    check_prompt_cache,
+    make_prompt_cache,
+    maybe_quantize_kv_cache,
+    prompt_cache_max_kv_size,
+)
+from .prompt_lookup import prompt_lookup_generate_step
 from .rows import CLEAR_CACHE_EVERY, Rows
 from .sample_utils import LogitsProcessor, Sampler, greedy
 from .speculative import speculative_generate_step
@@ -29,13 +37,18 @@ def generate_step(
     prompt_cache: list | None = None,
     prefill_step_size: int = 512,
     max_kv_size: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield `(token, logprobs)` for each new token after `prompt` (1-D ids), up to `max_tokens`.
 
     The prompt is read in chunks of `prefill_step_size` tokens. `prompt_cache` (from `make_prompt_cache`
     or `load_prompt_cache`) is updated in place and may already hold earlier tokens: only the new `prompt`
     is read then. Without one, a fresh cache is made, rotating when `max_kv_size` is set. `max_tokens=0`
-    only reads the prompt into the cache. Each step is queued before the previous token is handed out:
+    only reads the prompt into the cache. With `kv_bits`, the cache's keys and values are quantized
+    (`kv_group_size` values per scale, as mlx-lm's) once it holds more than `quantized_kv_start` positions.
+    Each step is queued before the previous token is handed out:
     this is the one-row case of the engine's `Rows` (see `BatchGenerator`).
     """
     if prompt.ndim != 1 or prompt.size == 0:
@@ -51,11 +64,15 @@ def generate_step(
         prompt_cache = make_prompt_cache(model, max_kv_size)
     else:
         check_prompt_cache(model, prompt_cache)
+    max_kv_size = prompt_cache_max_kv_size(prompt_cache)
+    check_kv_bits(kv_bits, kv_group_size, quantized_kv_start, max_kv_size, model.config.head_dim)
     history = prompt if logits_processors else None
     rows = Rows([0], prompt_cache, [sampler or greedy], [logits_processors], [history], [max_tokens])
     rows.prefill(model, prompt[None], prefill_step_size, sample_next=max_tokens > 0)
+    maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_bits)
     for n in range(max_tokens):
         y, logprobs = rows.y, rows.logprobs
+        maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_bits)
         # Queued even after the last token, so the cache holds every token handed out.
         rows.step(model)
         yield y.item(), logprobs[0]
@@ -148,6 +165,8 @@ def stream_generate(
     newlines: Newlines = "space",
     draft_model=None,
     num_draft_tokens: int = 3,
+    prompt_lookup_num_tokens: int | None = None,
+    max_matching_ngram_size: int = 2,
     **kwargs,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield a `GenerationResponse` per generated token.
@@ -157,14 +176,37 @@ def stream_generate(
     "length". `newlines="eos"` encodes "\\n" in a text prompt as `</s>`, shows a generated `</s>` as "\\n"
     and ends on two in a row. With a `draft_model` (same tokenizer), decoding is speculative: the draft
     proposes `num_draft_tokens` tokens at a time (`from_draft` marks those accepted) and `prompt_cache`, if
-    given, is `make_prompt_cache(model) + make_prompt_cache(draft_model)`. Other keyword arguments
-    (`prefill_step_size`, `max_kv_size`) go to `generate_step`.
+    given, is `make_prompt_cache(model) + make_prompt_cache(draft_model)`. With `prompt_lookup_num_tokens`
+    (as transformers' `generate`), the proposals are instead copied from earlier matches of the last
+    `max_matching_ngram_size` tokens (prompt-lookup decoding, see prompt_lookup.py). Other keyword
+    arguments (`prefill_step_size`, `max_kv_size`, `kv_bits`, `kv_group_size`, `quantized_kv_start`) go to
+    `generate_step`.
     """
     ids = _prompt_ids(model, tokenizer, prompt, prompt_cache, newlines)
     stream = TextStream(tokenizer, stop, newlines)
     tic = time.perf_counter()
     options = {"max_tokens": max_tokens, "sampler": sampler, "logits_processors": logits_processors}
-    if draft_model is None:
+    if draft_model is not None and prompt_lookup_num_tokens is not None:
+        raise XGLMError(
+            "give a draft model or prompt_lookup_num_tokens, not both", param="prompt_lookup_num_tokens"
+        )
+    if prompt_lookup_num_tokens is not None:
+        if kwargs.pop("max_kv_size", None) is not None:
+            raise XGLMError(
+                "prompt-lookup decoding takes back rejected tokens, which a rotating cache cannot always do; "
+                "drop max_kv_size or prompt_lookup_num_tokens",
+                param="max_kv_size",
+            )
+        steps = prompt_lookup_generate_step(
+            ids,
+            model,
+            prompt_lookup_num_tokens=prompt_lookup_num_tokens,
+            max_matching_ngram_size=max_matching_ngram_size,
+            prompt_cache=prompt_cache,
+            **options,
+            **kwargs,
+        )
+    elif draft_model is None:
         steps = (
             (token, logprobs, False)
             for token, logprobs in generate_step(ids, model, prompt_cache=prompt_cache, **options, **kwargs)
@@ -177,6 +219,13 @@ def stream_generate(
                 param="max_kv_size",
             )
         kwargs.pop("max_kv_size", None)
+        kv_bits = kwargs.pop("kv_bits", None)
+        kwargs.pop("kv_group_size", None)
+        kwargs.pop("quantized_kv_start", None)
+        if kv_bits is not None:
+            raise XGLMError(
+                "speculative decoding with a draft model keeps float caches; drop kv_bits", param="kv_bits"
+            )
         steps = speculative_generate_step(
             ids,
             model,

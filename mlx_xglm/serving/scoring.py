@@ -15,18 +15,23 @@ def _top(rows: mx.array, k: int) -> tuple[mx.array, mx.array]:
     return mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
 
 
-def prompt_logprobs(model, ids: list[int], top: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:
+def prompt_logprobs(
+    model, ids: list[int], top: int = 0, cache: list | None = None
+) -> list[tuple[float, list[tuple[int, float]]]]:
     """For each token of `ids` after the first: its log-probability given the tokens before it, and the
     `top` likeliest tokens at that place as `(id, logprob)`, likeliest first.
 
     One forward pass over the whole prompt; the vocabulary-wide log-softmax is model/logprobs.py's, taken a
-    chunk of positions at a time so a long prompt never holds [length, vocab] values at once.
+    chunk of positions at a time so a long prompt never holds [length, vocab] values at once. With `cache` (a
+    prompt cache that has read the first `offset` tokens of `ids`, `offset` < len(ids)), only the tokens
+    after that are read, and the result starts at token `offset` + 1; the cache reads them too.
     """
-    if len(ids) < 2:
+    offset = 0 if cache is None else cache[0].offset
+    if len(ids) - offset < 2:
         return []
     tokens = mx.array(ids)
-    hidden = model.model(tokens[None, :-1])[0]
-    scored = target_logprobs(model.head, hidden, tokens[1:], top=top)
+    hidden = model.model(tokens[None, offset:-1], cache=cache)[0]
+    scored = target_logprobs(model.head, hidden, tokens[offset + 1 :], top=top)
     if not top:
         return [(lp, []) for lp in scored["logprobs"].tolist()]
     pairs = [
