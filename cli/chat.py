@@ -17,6 +17,7 @@ from .options import (
     add_draft_args,
     add_kv_cache_args,
     add_model_args,
+    add_prompt_cache_args,
     add_sampling_args,
     check_utf8,
     help_formatter,
@@ -67,6 +68,7 @@ def register(subparsers) -> None:
     )
     add_sampling_args(parser, max_tokens=256)
     add_draft_args(parser)
+    add_prompt_cache_args(parser)
     add_kv_cache_args(parser)
     add_pipeline_arg(parser)
     parser.set_defaults(run=run, usage_error=parser.error)
@@ -86,7 +88,13 @@ def run(args: argparse.Namespace) -> int:
     draft = load_draft(args, model, tokenizer, renderer.spinner)
     sampling.update(draft)
     conversation = Conversation(
-        model, tokenizer, template, max_kv_size=args.max_kv_size, draft_model=draft.get("draft_model")
+        model,
+        tokenizer,
+        template,
+        max_kv_size=args.max_kv_size,
+        draft_model=draft.get("draft_model"),
+        prompt_cache_size=args.prompt_cache_size,
+        prompt_cache_bytes=args.prompt_cache_bytes,
     )
     launched_seed(args, group)
     seed_from(args)

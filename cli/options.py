@@ -11,6 +11,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from mlx_xglm import XGLMError, load, make_logits_processors, make_sampler, sharded_load
 from mlx_xglm.checkpoints.hub import resolve_model_path
 from mlx_xglm.decoding.cache import check_kv_bits
+from mlx_xglm.decoding.prefix_cache import DEFAULT_PROMPT_CACHE_SIZE
 from mlx_xglm.decoding.speculative import check_draft_model
 
 DEFAULT_MODEL = "facebook/xglm-564M"
@@ -76,6 +77,33 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
         default=None,
         metavar="N",
         help="keep only the last N positions in the KV cache (bounded memory for long runs)",
+    )
+
+
+def non_negative(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def add_prompt_cache_args(parser: argparse.ArgumentParser) -> None:
+    """mlx-lm's --prompt-cache-size and --prompt-cache-bytes: the bounds of the prefix cache."""
+    parser.add_argument(
+        "--prompt-cache-size",
+        type=non_negative,
+        default=DEFAULT_PROMPT_CACHE_SIZE,
+        metavar="N",
+        help="keep the KV caches of up to N token sequences; a prompt that starts like one reads only the "
+        f"rest (0: off; default: {DEFAULT_PROMPT_CACHE_SIZE})",
+    )
+    parser.add_argument(
+        "--prompt-cache-bytes",
+        type=non_negative,
+        default=None,
+        metavar="B",
+        help="and at most B bytes of them (0: off; default: no bound)",
     )
 
 

@@ -14,6 +14,7 @@ from .options import (
     add_draft_args,
     add_kv_cache_args,
     add_model_args,
+    add_prompt_cache_args,
     help_formatter,
     kv_cache_from,
     load_draft,
@@ -29,8 +30,8 @@ examples:
   MLX_XGLM_API_KEY=secret mlx-xglm server --host 0.0.0.0
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize,
-POST /detokenize, GET /tokenizer_info, GET /health. Ctrl-C or SIGTERM stops it: running requests end with
-finish_reason "abort" and the server exits within seconds.
+POST /detokenize, GET /tokenizer_info, GET /health, GET /metrics (Prometheus). Ctrl-C or SIGTERM stops
+it: running requests end with finish_reason "abort" and the server exits within seconds.
 """
 
 
@@ -119,6 +120,7 @@ def register(subparsers) -> None:
         metavar="N",
         help="keep only the last N positions of each row's KV cache",
     )
+    add_prompt_cache_args(parser)
     add_kv_cache_args(parser)
     add_draft_args(parser)
     parser.add_argument(
@@ -144,7 +146,13 @@ def run(args: argparse.Namespace) -> int:
             f"mlx-xglm server needs the [server] extra ({e.name} is missing): pip install 'mlx-xglm[server]'"
         ) from None
     template = unescape(args.chat_template)
-    engine_args = {"max_batch": args.max_batch, "max_queue": args.max_queue, "max_kv_size": args.max_kv_size}
+    engine_args = {
+        "max_batch": args.max_batch,
+        "max_queue": args.max_queue,
+        "max_kv_size": args.max_kv_size,
+        "prompt_cache_size": args.prompt_cache_size,
+        "prompt_cache_bytes": args.prompt_cache_bytes,
+    }
     engine_args.update(kv_cache_from(args))
     split_template(template)  # before the model loads
     group = start_ranks()

@@ -71,11 +71,22 @@ def test_closing_a_reply_early_keeps_it_in_the_transcript(tiny):
 
 def test_reset_starts_a_new_document(tiny):
     _, model, tokenizer = tiny
-    conversation = Conversation(model, tokenizer)
+    conversation = Conversation(model, tokenizer, prompt_cache_size=0)
     list(conversation.reply("Bonjour", max_tokens=4))
     conversation.reset()
     again = list(conversation.reply("Bonjour", max_tokens=4))
     assert again[-1].prompt_tokens == 1 + len(turn_ids(tokenizer, "Bonjour"))
+
+
+def test_a_new_conversation_that_starts_like_a_reset_one_reads_only_the_rest(tiny):
+    _, model, tokenizer = tiny
+    conversation = Conversation(model, tokenizer)
+    first = [r.token for r in conversation.reply("Bonjour", max_tokens=4)]
+    conversation.reset()
+    again = list(conversation.reply("Bonjour", max_tokens=4))
+    assert [r.token for r in again] == first
+    assert again[-1].prompt_tokens == 1  # the cached turn, its last token read again
+    assert conversation.prefix_cache.hits == 1
 
 
 def test_bounded_cache_keeps_the_conversation_going(tiny):
@@ -155,7 +166,9 @@ def test_chat_two_turns_reset_and_quit(tiny, chat):
     chat.expect_exact("User: ")
     chat.sendline("/reset")
     chat.expect_exact("(conversation reset)")
-    assert turn(chat, "Bonjour") == first
+    assert (
+        turn(chat, "Bonjour") == 1
+    )  # the reset transcript is in the prefix cache: its last token is read again
     chat.expect_exact("User: ")
     chat.sendline("/quit")
     chat.expect(pexpect.EOF)

@@ -204,7 +204,8 @@ def test_a_launched_rank_without_a_backend_says_so(tiny_checkpoint):
 
 
 def ask(url: str) -> list:
-    """Greedy completion with logprobs, seeded sampling of 2 choices, and a streamed greedy chat reply."""
+    """Greedy completion with logprobs, seeded sampling of 2 choices, a streamed greedy chat reply, and the
+    echo log-probabilities of two prompts that begin alike."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=120)
@@ -217,8 +218,17 @@ def ask(url: str) -> list:
         model="m", messages=[{"role": "user", "content": "Salut"}], max_tokens=6, temperature=0, stream=True
     )
     chat = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    # Echo scores of two prompts with one beginning: the second continues from the prefix cache on every rank.
+    echoes = [
+        client.completions.create(
+            model="m", prompt=f"Bonjour le monde, {w}", max_tokens=1, echo=True, logprobs=1, temperature=0
+        )
+        .choices[0]
+        .logprobs.token_logprobs[1:]
+        for w in ("oui", "non")
+    ]
     choice = greedy.choices[0]
-    return [choice.text, choice.logprobs.token_logprobs, [c.text for c in seeded.choices], chat]
+    return [choice.text, choice.logprobs.token_logprobs, [c.text for c in seeded.choices], chat, echoes]
 
 
 def test_server_on_two_ranks_answers_as_one_process_and_stops_with_the_launcher(lively_checkpoint):
@@ -255,8 +265,10 @@ def test_server_on_two_ranks_answers_as_one_process_and_stops_with_the_launcher(
     finally:
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(30)
-    assert two[0] == one[0] and two[2:] == one[2:]
+    assert two[0] == one[0] and two[2:4] == one[2:4]
     np.testing.assert_allclose(two[1], one[1], atol=1e-4)
+    for a, b in zip(two[4], one[4], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
     deadline = time.monotonic() + 30
     while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline:
         time.sleep(0.2)

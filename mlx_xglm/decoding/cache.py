@@ -142,7 +142,10 @@ def load_prompt_cache(path: str | Path, return_metadata: bool = False, fingerpri
 def check_prompt_cache(model, cache: list) -> None:
     """Raise XGLMError unless `cache` has the layer count and key shape of `model`."""
     config = model.config
-    want = (config.attention_heads, config.head_dim)
+    # A layer's own head count: under tensor parallelism each rank holds its share of the heads (a
+    # pipeline stage's placeholder layers have none).
+    attention = getattr(model.layers[0], "self_attn", None)
+    want = (config.attention_heads if attention is None else attention.num_heads, config.head_dim)
     if len(cache) != len(model.layers):
         raise XGLMError(
             f"the prompt cache has {len(cache)} layers but the model has {len(model.layers)}; "

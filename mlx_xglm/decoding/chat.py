@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from ..tokenization.prompt import DEFAULT_TEMPLATE, PLACEHOLDER, prompt_ids, split_template, user_marker
 from .cache import cached_tokens, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from .generate import GenerationResponse, stream_generate
+from .prefix_cache import DEFAULT_PROMPT_CACHE_SIZE, PrefixCache
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -43,7 +44,9 @@ class Conversation:
     `template` is one turn with `{message}` where the user's text goes; its lines become `</s>`-separated
     paragraphs. `max_kv_size` bounds the cache (older positions are dropped). `reply(message)` streams the
     model's answer; the answer ends at `</s>` (the end of its line), at the next user marker (the template's
-    text before `{message}`), or after `max_tokens`.
+    text before `{message}`), or after `max_tokens`. A conversation that is reset leaves its cache in a
+    prefix cache of `prompt_cache_size` entries and at most `prompt_cache_bytes` bytes (None: no bound;
+    0 turns it off), and a new one that starts the same way reads only what differs.
     """
 
     def __init__(
@@ -53,6 +56,8 @@ class Conversation:
         template: str = DEFAULT_TEMPLATE,
         max_kv_size: int | None = None,
         draft_model=None,
+        prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE,
+        prompt_cache_bytes: int | None = None,
     ):
         self.model = model
         self.draft_model = draft_model
@@ -63,10 +68,17 @@ class Conversation:
         self.user_marker = user_marker(template)
         self.user_prompt = before.rsplit("\n", 1)[-1]
         self.assistant_label = after.strip().rsplit("\n", 1)[-1]
+        self.prefix_cache = None
+        # With a draft model the cache list also holds the draft's layers, which may have read less.
+        if prompt_cache_size != 0 and prompt_cache_bytes != 0 and draft_model is None:
+            self.prefix_cache = PrefixCache(prompt_cache_size, prompt_cache_bytes)
+        self.cached: list[int] = []
         self.reset()
 
     def reset(self) -> None:
         """Forget every turn; the next one starts a new document."""
+        if self.prefix_cache is not None and self.cached:
+            self.prefix_cache.insert(self.cached, self.cache)
         self.cache = self._new_cache()
         # `cached`: the ids the cache holds. `pending`: ids of the transcript it has not read yet. The first
         # turn, starting the document, gets its leading `</s>` from prompt_ids.
@@ -90,6 +102,10 @@ class Conversation:
         """
         turn = self.template.replace(PLACEHOLDER, message)
         ids = self.pending + prompt_ids(self.tokenizer, turn, len(self.transcript_ids), newlines="eos")
+        if not self.cached and self.prefix_cache is not None:
+            hit = self.prefix_cache.fetch(ids)
+            if hit.cache is not None:
+                self.cache, self.cached, ids = hit.cache, ids[: hit.length], ids[hit.length :]
         stop = [self.user_marker] if self.user_marker else None
         generated: list[int] = []
         text: list[str] = []

@@ -12,6 +12,9 @@ API (mlx-lm's names; others code against it):
 `Response.token` is the sampled id; `logprobs` the full log-softmax row [vocab] (an `mx.array`, after the
 row's logits processors) it was sampled from; `finish_reason` is None while the row goes on, "stop" when
 the token is one of `stop_tokens` (the token is still returned) and "length" at the row's `max_tokens`.
+A finished row's response carries its `prompt_cache` (one single-row cache per layer; None in a quantized
+batch), which has read its cache's tokens, its prompt and every token it returned: a later prompt that
+starts with them can go on from it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ..errors import XGLMError
 from ..model.batch_cache import BatchKVCache
 from ..model.cache import QuantizedKVCache
 from ..model.token_ids import check_token_ids
+from ..tokenization.encoding import pad_rows
 from .cache import check_kv_bits, check_prompt_cache, maybe_quantize_kv_cache
 from .rows import CLEAR_CACHE_EVERY, Rows
 from .sample_utils import LogitsProcessor, Sampler, greedy
@@ -38,6 +42,7 @@ class Response:
     token: int
     logprobs: mx.array
     finish_reason: str | None
+    prompt_cache: list | None = None
 
 
 @dataclass
@@ -61,6 +66,14 @@ class _Request:
     cache: list | None
     sampler: Sampler
     processors: list[LogitsProcessor] | None
+
+
+def _joined(caches: list[BatchKVCache]) -> BatchKVCache:
+    """One batch cache of the rows of `caches` (one layer each), right-aligned."""
+    joined = caches[0]
+    for other in caches[1:]:
+        joined.extend(other)
+    return joined
 
 
 def per_row(value, n: int, name: str) -> list:
@@ -160,7 +173,7 @@ class BatchGenerator:
 
         Per prompt (a list) or for all (one value): `max_tokens`, a sampler, a list of logits processors.
         `caches` holds one prompt cache (or None) per prompt to continue from; it is read, not changed,
-        must have the generator's `max_kv_size`, and its row is prefilled on its own.
+        must have the generator's `max_kv_size`. Rows with and without caches are prefilled together.
         """
         settings = row_settings(self.model, prompts, max_tokens, samplers, logits_processors, self.max_tokens)
         caches = [None] * len(prompts) if caches is None else per_row(list(caches), len(prompts), "caches")
@@ -196,6 +209,16 @@ class BatchGenerator:
             keep = [i for i, uid in enumerate(self._active.uids) if uid not in uids]
             self._drop_rows(keep)
 
+    @property
+    def num_active(self) -> int:
+        """Rows decoding now."""
+        return len(self._active) if self._active is not None else 0
+
+    @property
+    def num_waiting(self) -> int:
+        """Rows inserted and waiting for their prefill."""
+        return len(self._waiting)
+
     def stats(self) -> BatchStats:
         """Totals so far: prompt and generated tokens, their rates, and peak memory (GB)."""
         s = self._stats
@@ -211,12 +234,21 @@ class BatchGenerator:
             self._active.filter(keep)
 
     def _prefill(self, requests: list[_Request]) -> Rows:
-        if requests[0].cache is not None:
-            cache = [BatchKVCache.from_cache(c, self.max_kv_size) for c in requests[0].cache]
-        else:
-            width = max(len(r.prompt) for r in requests)
-            padding = [width - len(r.prompt) for r in requests]
+        """Prefill `requests` together: fresh prompts left-padded; when any row brings its own cache, every
+        row's cache right-aligned and its prompt right-padded, then moved right (pads to the left)."""
+        prompts = [list(r.prompt) for r in requests]
+        width = max(map(len, prompts))
+        pad = self.model.config.pad_token_id
+        lengths = None
+        if all(r.cache is None for r in requests):
+            padding = [width - len(p) for p in prompts]
             cache = [BatchKVCache(padding, max_size=self.max_kv_size) for _ in self.model.layers]
+            inputs = mx.array(pad_rows(prompts, width, pad, "left", False)["input_ids"])
+        else:
+            cache = [self._row_cache(r) for r in requests]
+            cache = [_joined([row[i] for row in cache]) for i in range(len(self.model.layers))]
+            lengths = [len(p) for p in prompts]
+            inputs = mx.array(pad_rows(prompts, width, pad, "right", False)["input_ids"])
         rows = Rows(
             [r.uid for r in requests],
             cache,
@@ -225,27 +257,29 @@ class BatchGenerator:
             [mx.array(r.prompt) if r.processors else None for r in requests],
             [r.max_tokens for r in requests],
         )
-        width = max(len(r.prompt) for r in requests)
-        pad = self.model.config.pad_token_id
-        inputs = mx.array([[pad] * (width - len(r.prompt)) + r.prompt for r in requests])
-        rows.prefill(self.model, inputs, self.prefill_step_size)
+        rows.prefill(self.model, inputs, self.prefill_step_size, lengths=lengths)
         self._stats.prompt_tokens += sum(len(r.prompt) for r in requests)
         return rows
 
+    def _row_cache(self, request: _Request) -> list[BatchKVCache]:
+        if request.cache is None:
+            return [BatchKVCache([0], max_size=self.max_kv_size) for _ in self.model.layers]
+        return [BatchKVCache.from_cache(c, self.max_kv_size) for c in request.cache]
+
     def _admit(self) -> None:
-        """Prefill waiting prompts while there is room; a prompt with its own cache is prefilled alone."""
+        """Prefill waiting prompts, `prefill_batch_size` at a time, while there is room."""
         while self._waiting:
             room = self.completion_batch_size - (len(self._active) if self._active else 0)
             if room < 1:
                 return
-            if self._waiting[0].cache is not None:
-                take = 1
-            else:
-                take = 0
-                while take < min(room, self.prefill_batch_size, len(self._waiting)):
-                    if self._waiting[take].cache is not None:
-                        break
-                    take += 1
+            take = min(room, self.prefill_batch_size, len(self._waiting))
+            if self.max_kv_size is not None or self.kv_bits is not None:
+                # A window drops old columns while the longest row is read, which the shorter rows of a
+                # right-padded prefill may still need, and quantized keys are not moved: there, a row with
+                # its own cache is prefilled alone.
+                cached = [i for i, r in enumerate(self._waiting[:take]) if r.cache is not None]
+                if cached:
+                    take = max(cached[0], 1)
             requests, self._waiting = self._waiting[:take], self._waiting[take:]
             rows = self._prefill(requests)
             if self._active is None:
@@ -281,7 +315,10 @@ class BatchGenerator:
             else:
                 reason = None
                 keep.append(b)
-            responses.append(Response(rows.uids[b], token, logprobs[b], reason))
+            cache = None
+            if reason is not None and not isinstance(rows.cache[0], QuantizedKVCache):
+                cache = [c.extract(b) for c in rows.cache]
+            responses.append(Response(rows.uids[b], token, logprobs[b], reason, cache))
         self._drop_rows(keep)
         self._steps += 1
         if self._steps % CLEAR_CACHE_EVERY == 0:

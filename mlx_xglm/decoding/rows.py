@@ -99,16 +99,38 @@ class Rows:
     def __len__(self) -> int:
         return len(self.uids)
 
-    def prefill(self, model, inputs: mx.array, step_size: int, sample_next: bool = True) -> None:
-        """Read `inputs` [B, W] (prompts, left-padded) into the cache in chunks; sample each first token."""
+    def prefill(
+        self, model, inputs: mx.array, step_size: int, sample_next: bool = True, lengths: list | None = None
+    ) -> None:
+        """Read `inputs` [B, W] into the cache in chunks; sample each first token.
+
+        Prompts are left-padded, or, with `lengths` (the real tokens of each row), right-padded: each row's
+        first token is then sampled after its own last token, and its pads move left in the cache.
+        """
         with mx.stream(generation_stream()):
-            inputs = prefill_chunks(model, inputs, self.cache, step_size)
-            logits = model(inputs, cache=self.cache, logits_to_keep=1)[:, -1, :]
+            if lengths is None:
+                inputs = prefill_chunks(model, inputs, self.cache, step_size)
+                logits = model(inputs, cache=self.cache, logits_to_keep=1)[:, -1, :]
+            else:
+                logits = self._prefill_right_padded(model, inputs, step_size, lengths)
             if not sample_next:
                 mx.eval([c.state for c in self.cache])
                 return
             self.y, self.logprobs = sample(logits, self.samplers, self.processors, self.histories)
         mx.async_eval(self.y, self.logprobs)
+
+    def _prefill_right_padded(self, model, inputs: mx.array, step_size: int, lengths: list[int]) -> mx.array:
+        last = [None] * len(lengths)
+        for start in range(0, inputs.shape[1], step_size):
+            hidden = model.model(inputs[:, start : start + step_size], cache=self.cache)
+            for b, length in enumerate(lengths):
+                if start < length <= start + hidden.shape[1]:
+                    last[b] = hidden[b, length - 1 - start]
+            mx.eval([c.state for c in self.cache], [h for h in last if h is not None])
+            mx.clear_cache()
+        for c in self.cache:
+            c.shift_right([inputs.shape[1] - n for n in lengths])
+        return model.head(mx.stack(last))
 
     def step(self, model) -> None:
         """Queue the next step from the tokens `y` of the last one."""

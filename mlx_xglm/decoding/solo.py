@@ -29,8 +29,9 @@ class _Row:
 class SoloGenerator:
     """Rows decoded one at a time by `speculative_generate_step` (with `draft_model`) or
     `prompt_lookup_generate_step` (with `prompt_lookup_num_tokens`), behind `BatchGenerator`'s `insert`,
-    `remove`, `next` and `stats`. `max_tokens`, `stop_tokens` and `sampler` are as BatchGenerator's;
-    `cache_args` (`kv_bits`, `kv_group_size`, `quantized_kv_start`) go to prompt-lookup decoding.
+    `remove`, `next`, `stats`, `num_active` and `num_waiting`. `max_tokens`, `stop_tokens` and `sampler`
+    are as BatchGenerator's; `cache_args` (`kv_bits`, `kv_group_size`, `quantized_kv_start`) go to
+    prompt-lookup decoding.
     """
 
     def __init__(
@@ -95,6 +96,16 @@ class SoloGenerator:
             uids.append(self._next_uid)
             self._next_uid += 1
         return uids
+
+    @property
+    def num_active(self) -> int:
+        """Rows decoding now (each reads its prompt at its first `next`)."""
+        return len(self._rows)
+
+    @property
+    def num_waiting(self) -> int:
+        """Rows waiting for a place: none, every inserted row decodes."""
+        return 0
 
     def remove(self, uids) -> None:
         """Drop the rows with these uids; unknown uids are ignored."""

@@ -11,10 +11,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..model.cache import KVCache
+from ..model.logprobs import target_logprobs
 from ..model.masks import padding_mask, padding_positions
-
-# Positions per LM-head matmul: bounds the [positions, vocab_size] logits held at once (256 x 256008 floats).
-HEAD_CHUNK = 256
+from ..tokenization.encoding import pad_rows
 
 
 def _padded_forward(model, inputs: mx.array, key_real: mx.array, cache=None) -> mx.array:
@@ -28,46 +27,41 @@ def _padded_forward(model, inputs: mx.array, key_real: mx.array, cache=None) -> 
     return model.model(inputs, cache=cache, mask=mask, position_ids=padding_positions(key_real, offset))
 
 
-def _target_logprobs(model, hidden: mx.array, targets: mx.array) -> tuple[np.ndarray, np.ndarray]:
+def _padded(rows: list[list[int]], side: str, pad: int, width: int = 0) -> tuple[mx.array, mx.array]:
+    """`rows` padded on `side` to the longest (or `width`): ids [B, W] and which entries are real."""
+    data = pad_rows(rows, max([width, *map(len, rows)]), pad, side, with_mask=True)
+    return mx.array(data["input_ids"]), mx.array(data["attention_mask"]).astype(mx.bool_)
+
+
+def _target_logprobs(model, hidden: mx.array, targets: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """log p(target) for each row of `hidden` [P, d], and whether the target is the argmax."""
-    logprobs, greedy = [], []
-    for start in range(0, hidden.shape[0], HEAD_CHUNK):
-        logits = model.head(hidden[start : start + HEAD_CHUNK]).astype(mx.float32)
-        t = targets[start : start + HEAD_CHUNK]
-        picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        lp = picked - mx.logsumexp(logits, axis=-1)
-        best = mx.argmax(logits, axis=-1) == t
-        mx.eval(lp, best)
-        logprobs.append(np.array(lp))
-        greedy.append(np.array(best))
-    if not logprobs:
-        return np.zeros(0, np.float32), np.zeros(0, bool)
-    return np.concatenate(logprobs), np.concatenate(greedy)
+    scored = target_logprobs(model.head, hidden, mx.array(targets, mx.int32), greedy=True)
+    return scored["logprobs"], scored["greedy"]
 
 
-def sequence_logprobs(model, rows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+def sequence_logprobs(
+    model, rows: list[list[int]], last: list[int] | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each id list in one batch: log p(row[i] | row[:i]) for i >= 1, and whether row[i] was the argmax.
 
     The rows are left-padded into one forward pass; positions count real tokens only, so each row's
-    numbers equal its unpadded self.
+    numbers equal its unpadded self. `last[b]` scores only row b's last `last[b]` tokens (perplexity's
+    windows score their tail): the head and the vocabulary-wide softmax are most of the cost.
     """
-    width = max(len(r) for r in rows)
-    pad = model.config.pad_token_id
-    inputs = mx.array([[pad] * (width - len(r)) + list(r) for r in rows])
-    key_real = mx.array([[False] * (width - len(r)) + [True] * len(r) for r in rows])
+    inputs, key_real = _padded([list(r) for r in rows], "left", model.config.pad_token_id)
+    width = inputs.shape[1]
     hidden = _padded_forward(model, inputs, key_real)
+    counts = [len(row) - 1 for row in rows] if last is None else last
     # Row b's real tokens sit in the last len(row) columns; column c predicts the token in column c + 1.
     flat, targets = [], []
-    for b, row in enumerate(rows):
-        first = b * width + width - len(row)
-        flat.extend(range(first, first + len(row) - 1))
-        targets.extend(row[1:])
-    lp, greedy = _target_logprobs(
-        model, hidden.reshape(-1, hidden.shape[-1])[mx.array(flat, mx.int32)], mx.array(targets, mx.int32)
-    )
+    for b, (row, n) in enumerate(zip(rows, counts, strict=True)):
+        end = b * width + width - 1
+        flat.extend(range(end - n, end))
+        targets.extend(row[len(row) - n :])
+    scored_rows = hidden.reshape(-1, hidden.shape[-1])[mx.array(flat, mx.int32)]
+    lp, greedy = _target_logprobs(model, scored_rows, targets)
     out, at = [], 0
-    for row in rows:
-        n = len(row) - 1
+    for n in counts:
         out.append((lp[at : at + n], greedy[at : at + n]))
         at += n
     return out
@@ -86,10 +80,8 @@ def continuation_logprobs(
     The contexts' KV cache is copied to the continuations that share it, which are then read together,
     right-padded. Returns, per continuation, log p(token | context, earlier tokens) and greedy flags.
     """
-    width = max(len(c) for c in contexts)
     pad = model.config.pad_token_id
-    inputs = mx.array([[pad] * (width - len(c)) + list(c) for c in contexts])
-    key_real = mx.array([[False] * (width - len(c)) + [True] * len(c) for c in contexts])
+    inputs, key_real = _padded([list(c) for c in contexts], "left", pad)
     cache = model.make_cache()
     # Only the last context position goes on: it predicts every continuation's first token.
     scoring_rows = [_padded_forward(model, inputs, key_real, cache)[:, -1]]
@@ -97,10 +89,9 @@ def continuation_logprobs(
     rest_len = max(len(c) - 1 for _, c in continuations)
     if rest_len:
         copies = [KVCache.from_state(_rows_of(layer.state, which), layer.meta_state) for layer in cache]
-        rows = [c[:-1] + [pad] * (rest_len - len(c) + 1) for _, c in continuations]
-        real = mx.array([[True] * (len(c) - 1) + [False] * (rest_len - len(c) + 1) for _, c in continuations])
+        rows, real = _padded([list(c[:-1]) for _, c in continuations], "right", pad, rest_len)
         keys = mx.concatenate([key_real[which], real], axis=1)
-        cont_hidden = _padded_forward(model, mx.array(rows), keys, copies)
+        cont_hidden = _padded_forward(model, rows, keys, copies)
         scoring_rows.append(cont_hidden.reshape(-1, cont_hidden.shape[-1]))
     # Row of each scored token in [last context positions; continuation positions], so that the LM
     # head (a pass over the whole vocab_size x d_model matrix) runs once.
@@ -110,7 +101,7 @@ def continuation_logprobs(
         index.extend(len(contexts) + i * rest_len + j for j in range(len(c) - 1))
         targets.extend(c)
     hidden = mx.concatenate(scoring_rows)[mx.array(index, mx.int32)]
-    lp, greedy = _target_logprobs(model, hidden, mx.array(targets, mx.int32))
+    lp, greedy = _target_logprobs(model, hidden, targets)
     out, at = [], 0
     for _, c in continuations:
         out.append((lp[at : at + len(c)], greedy[at : at + len(c)]))

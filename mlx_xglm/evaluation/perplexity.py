@@ -86,11 +86,8 @@ def perplexity(
 
     def work(_, batch):
         rows = [ids[begin:end] for begin, end, _ in batch]
-        scored = sequence_logprobs(model, rows)
-        return [
-            float(-lp[len(lp) - n :].astype("float64").sum())
-            for (lp, _), (_, _, n) in zip(scored, batch, strict=True)
-        ]
+        scored = sequence_logprobs(model, rows, [n for _, _, n in batch])
+        return [float(-lp.astype("float64").sum()) for lp, _ in scored]
 
     with request_progress("Perplexity windows", len(windows), verbose, group) as advance:
         results = run_sharded(batches, work, group, lambda b: advance(len(b)))

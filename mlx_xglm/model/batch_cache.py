@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .cache import KVCache, QuantizedKVCache
+from .cache import KVCache, QuantizedKVCache, RotatingKVCache
 from .masks import Positions, causal, left_padding_mask, left_padding_positions
 
 
@@ -110,9 +110,40 @@ class BatchKVCache(KVCache):
         self.shifts = [self.shifts[i] for i in rows]
         self._drop(min(self.left_padding))
 
+    def extract(self, row: int) -> KVCache | RotatingKVCache:
+        """Row `row` as a single-row cache (a RotatingKVCache of `max_size` when the batch has a window)."""
+        start = self.left_padding[row]
+        keys = self.keys[row : row + 1, :, start : self.offset, :]
+        values = self.values[row : row + 1, :, start : self.offset, :]
+        if self.max_size is None:
+            cache = KVCache()
+            cache.state = (keys, values)
+            return cache
+        keys, values = keys[..., -self.max_size :, :], values[..., -self.max_size :, :]
+        meta = {"offset": self.offset + self.shifts[row], "max_size": self.max_size}
+        return RotatingKVCache.from_state((keys, values), meta)
+
+    def shift_right(self, counts: list[int]) -> None:
+        """Move row b's keys `counts[b]` columns right, dropping its last `counts[b]` columns: after a
+        prefill of right-padded rows, their pads move to the left, where pads belong."""
+        if not any(counts):
+            return
+        shift = mx.array(counts)
+        index = mx.maximum(mx.arange(self.offset)[None] - shift[:, None], 0)[:, None, :, None]
+        keys, values = self.state
+        self.keys = mx.take_along_axis(keys, index, axis=2)
+        self.values = mx.take_along_axis(values, index, axis=2)
+        self.left_padding = [p + c for p, c in zip(self.left_padding, counts, strict=True)]
+        self.shifts = [s - c for s, c in zip(self.shifts, counts, strict=True)]
+
     def extend(self, other: BatchKVCache) -> None:
         """Append the rows of `other` after these, both right-aligned to the wider of the two."""
         width = max(self.offset, other.offset)
+        if self.keys is None and other.keys is None:  # two empty caches: only the bookkeeping joins
+            self.left_padding += other.left_padding
+            self.shifts += other.shifts
+            return
+        like = self if self.keys is not None else other
         keys, values = [], []
         for cache in (self, other):
             pad = width - cache.offset
@@ -124,7 +155,12 @@ class BatchKVCache(KVCache):
                     else a
                 )
 
-            k, v = cache.state
+            if cache.keys is None:  # an empty float cache: no columns, the shape of the other's
+                _, heads, _, dims = like.keys.shape
+                k = mx.zeros((len(cache), heads, 0, dims), like.keys.dtype)
+                v = mx.zeros((len(cache), heads, 0, like.values.shape[3]), like.values.dtype)
+            else:
+                k, v = cache.state
             keys.append(_each(padded, k))
             values.append(_each(padded, v))
         self.left_padding = [p + width - self.offset for p in self.left_padding] + [

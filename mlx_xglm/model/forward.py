@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from ..errors import XGLMError
 from .cache import KVCache
-from .loss import causal_lm_loss
+from .loss import head_loss
 from .masks import padding_mask, padding_positions
 from .token_ids import check_token_ids
 
@@ -166,12 +166,23 @@ def causal_lm_forward(
         output_hidden_states=output_hidden_states,
         head_mask=head_mask,
     )
-    logits = self.head(out.last_hidden_state)
+    h = out.last_hidden_state
     loss = None
     if labels is not None:
-        loss = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch)
+        # The loss reads the hidden states chunk by chunk (model/logprobs.py); `logits` stays lazy and is
+        # computed only if the caller reads it.
+        head_weights = self.lm_head if "lm_head" in self else self.model.embed_tokens
+        loss = head_loss(
+            self.head,
+            h,
+            labels,
+            self.config.vocab_size,
+            num_items_in_batch=num_items_in_batch,
+            module=head_weights,
+            grads=self.training,
+        )
     return XGLMCausalLMOutput(
-        logits=logits,
+        logits=self.head(h),
         loss=loss,
         cache=out.cache,
         hidden_states=out.hidden_states,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..tokenization.prompt import DEFAULT_TEMPLATE, split_template
@@ -16,6 +17,7 @@ from .completions import create_completion
 from .engine import Engine
 from .errors import APIError, install_error_handlers
 from .gate import DEFAULT_BODY_TIMEOUT, Gate
+from .metrics import RequestCounter, render
 from .prompts import chat_prompt, check_ids
 from .protocol import (
     ChatCompletionRequest,
@@ -87,7 +89,10 @@ def create_app(
     app = FastAPI(title="mlx-xglm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     install_error_handlers(app)
-    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
+    requests = RequestCounter()
+    app.add_middleware(
+        Gate, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout=body_timeout, requests=requests
+    )
     if allowed_origins:
         # Outside the gate: a browser's preflight carries no key, and its answers need the CORS headers.
         app.add_middleware(
@@ -100,6 +105,10 @@ def create_app(
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", **engine.stats()}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(render(requests, engine.metrics()), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():

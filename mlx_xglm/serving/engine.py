@@ -13,8 +13,9 @@ import logging
 import queue
 import threading
 
-from ..decoding.cache import check_kv_bits
+from ..decoding.cache import check_kv_bits, make_prompt_cache
 from ..decoding.engine import BatchGenerator
+from ..decoding.prefix_cache import DEFAULT_PROMPT_CACHE_SIZE, PrefixCache
 from ..decoding.sample_utils import make_logits_processors
 from ..decoding.solo import SoloGenerator
 from .errors import APIError
@@ -34,8 +35,11 @@ class Engine:
     go past that gets a 503. `prefill_step_size`, `max_kv_size`, `kv_bits`, `kv_group_size`
     and `quantized_kv_start` go to the BatchGenerator. With `draft_model` (`num_draft_tokens`) or
     `prompt_lookup_num_tokens`, rows decode one at a time by speculative or prompt-lookup decoding
-    (`SoloGenerator`), as mlx-lm's server does with a draft model. Call `start()`
-    once an event loop runs, `shutdown()` to cancel every row and end the thread.
+    (`SoloGenerator`), as mlx-lm's server does with a draft model. A prefix cache of
+    `prompt_cache_size` entries and at most `prompt_cache_bytes` bytes (None: no bound; either 0 turns
+    it off) keeps finished rows' and scored prompts' caches, and a prompt that starts like one of them
+    reads only the rest (not with `kv_bits`, nor with rows decoded one at a time). Call `start()` once
+    an event loop runs, `shutdown()` to cancel every row and end the thread.
     """
 
     def __init__(
@@ -47,6 +51,8 @@ class Engine:
         max_queue: int = 64,
         prefill_step_size: int = 512,
         max_kv_size: int | None = None,
+        prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE,
+        prompt_cache_bytes: int | None = None,
         kv_bits: int | None = None,
         kv_group_size: int = 64,
         quantized_kv_start: int = 0,
@@ -78,6 +84,17 @@ class Engine:
                 "prompt_lookup_num_tokens": prompt_lookup_num_tokens,
             }
             SoloGenerator(model, **self._solo_args, **self._cache_args())  # refuse bad settings now
+        self.max_kv_size = max_kv_size
+        self.prefix_cache = None
+        # Quantized batches and rows decoded one at a time give no caches back to keep.
+        if prompt_cache_size != 0 and prompt_cache_bytes != 0 and kv_bits is None and not self._solo_args:
+            self.prefix_cache = PrefixCache(prompt_cache_size, prompt_cache_bytes)
+        # Totals for /metrics, written by the engine thread only.
+        self._counts = dict.fromkeys(
+            ["prompt_tokens_total", "prompt_tokens_cached_total", "generation_tokens_total"], 0
+        )
+        self._decoding = self._waiting = 0
+        self._generated: dict[int, list[int]] = {}  # uid -> tokens so far, engine thread only
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._rows = 0  # rows admitted and not yet finished, counted on the handlers' side
@@ -149,6 +166,19 @@ class Engine:
             rows = self._rows
         return {"rows": rows, "running": len(self._running), "max_batch": self.max_batch}
 
+    def metrics(self) -> dict:
+        """The engine's gauges and totals for /metrics (see metrics.py for their meaning)."""
+        prefix = self.prefix_cache
+        return {
+            **self._counts,
+            "active_rows": self._decoding,
+            "queued_rows": self._waiting,
+            "prefix_cache_bytes": prefix.nbytes if prefix else 0,
+            "prefix_cache_entries": len(prefix) if prefix else 0,
+            "prefix_cache_hits_total": prefix.hits if prefix else 0,
+            "prefix_cache_misses_total": prefix.misses if prefix else 0,
+        }
+
     def stop_soon(self) -> None:
         """Stop taking requests and cancel the running rows (finish reason "abort"); returns at once."""
         with self._lock:
@@ -182,6 +212,7 @@ class Engine:
             try:
                 responses = generator.next()
                 stalled = not responses
+                self._decoding, self._waiting = generator.num_active, generator.num_waiting
                 self._deliver(responses)
             except Exception:
                 log.exception("a decoding step failed; failing its requests and starting a fresh batch")
@@ -223,9 +254,11 @@ class Engine:
                 frequency_penalty=sampling.frequency_penalty,
                 presence_penalty=sampling.presence_penalty,
             )
+            cached, cache = self._cached_beginning(job)
             uids = generator.insert(
-                [job.prompt] * job.n,
+                [job.prompt[cached:]] * job.n,
                 max_tokens=[job.max_tokens] * job.n,
+                caches=None if cache is None else [cache] * job.n,
                 samplers=samplers,
                 logits_processors=[processors] * job.n,
             )
@@ -235,8 +268,19 @@ class Engine:
             job.post(Failed(APIError(400 if isinstance(e, ValueError) else 500, str(e))))  # XGLMError too
             return
         job.uids = list(uids)
+        self._counts["prompt_tokens_total"] += len(job.prompt) * job.n
+        self._counts["prompt_tokens_cached_total"] += cached * job.n
         for row, uid in enumerate(uids):
             self._running[uid] = (job, job.index + row)
+            self._generated[uid] = []
+
+    def _cached_beginning(self, job: Job) -> tuple[int, list | None]:
+        """How many of the job's prompt tokens the prefix cache holds, and a cache of them (or None)."""
+        # A repetition penalty looks at the prompt, and a row continuing a cache sees only the rest of it.
+        if self.prefix_cache is None or job.sampling.repetition_penalty:
+            return 0, None
+        hit = self.prefix_cache.fetch(job.prompt)
+        return hit.length, hit.cache
 
     def _on_remove(self, generator: BatchGenerator, payload: tuple[Job, int | None]) -> None:
         job, choice = payload
@@ -246,18 +290,32 @@ class Engine:
             generator.remove(gone)
             for uid in gone:
                 del self._running[uid]
+                del self._generated[uid]
             self._release(len(gone))
 
     def _on_score(self, generator: BatchGenerator, payload) -> None:
         ids, top, future = payload
         loop = future.get_loop()
         try:
-            result = prompt_logprobs(self.model, ids, top)
+            result = self._score(ids, top)
         except Exception as e:
             log.exception("scoring a prompt failed")
             loop.call_soon_threadsafe(_settle, future, None, e)
             return
         loop.call_soon_threadsafe(_settle, future, result, None)
+
+    def _score(self, ids: list[int], top: int) -> list:
+        """`prompt_logprobs` of `ids`, continuing from (and then filling) the prefix cache."""
+        self._counts["prompt_tokens_total"] += len(ids)
+        # Scored prompts' caches keep every position, which a generator with a window cannot continue.
+        if self.prefix_cache is None or self.max_kv_size is not None or len(ids) < 2:
+            return prompt_logprobs(self.model, ids, top)
+        hit = self.prefix_cache.fetch(ids, top=top)
+        cache = hit.cache if hit.cache is not None else make_prompt_cache(self.model)
+        result = (hit.scores or []) + prompt_logprobs(self.model, ids, top, cache=cache)
+        self._counts["prompt_tokens_cached_total"] += hit.length
+        self.prefix_cache.insert(ids, cache, scores=result, top=top)
+        return result
 
     def _deliver(self, responses: list) -> None:
         wanted = [(r, self._running[r.uid]) for r in responses if r.uid in self._running]
@@ -269,8 +327,13 @@ class Engine:
         for r, (job, choice) in wanted:
             logprob, top = by_uid.get(r.uid, (None, None))
             job.post(Token(choice, r.token, logprob, top, r.finish_reason))
+            self._generated[r.uid].append(r.token)
+            self._counts["generation_tokens_total"] += 1
             if r.finish_reason is not None:
                 del self._running[r.uid]
+                generated = self._generated.pop(r.uid)
+                if self.prefix_cache is not None:
+                    self.prefix_cache.insert(job.prompt + generated, r.prompt_cache)
                 self._release(1)
 
     def _finish_all(self, generator: BatchGenerator, reason: str) -> None:
@@ -280,12 +343,14 @@ class Engine:
             job.post(Token(choice, None, finish_reason=reason))
         self._release(len(self._running))
         self._running.clear()
+        self._generated.clear()
 
     def _fail_all(self, error: APIError) -> None:
         for job in {id(job): job for job, _ in self._running.values()}.values():
             job.post(Failed(error))
         self._release(len(self._running))
         self._running.clear()
+        self._generated.clear()
 
 
 def _settle(future: asyncio.Future, result, error: Exception | None) -> None:

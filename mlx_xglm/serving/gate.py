@@ -31,12 +31,19 @@ class Gate:
     """ASGI middleware: 413 for a body over `max_body_bytes`, 401 without `Authorization: Bearer
     <api_key>` (compared in constant time) when a key is set, and one log line per request: method, path,
     status, prompt and generated tokens, tokens per second and time taken. A body that has not fully
-    arrived after `body_timeout` seconds gets a 408. `/health` needs no key."""
+    arrived after `body_timeout` seconds gets a 408. `/health` needs no key. `requests` (a
+    RequestCounter) counts each answered request for /metrics."""
 
     def __init__(
-        self, app, api_key: str | None, max_body_bytes: int, body_timeout: float = DEFAULT_BODY_TIMEOUT
+        self,
+        app,
+        api_key: str | None,
+        max_body_bytes: int,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        requests=None,
     ):
         self.app = app
+        self.requests = requests
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
@@ -93,6 +100,8 @@ class Gate:
 
         def log_line() -> None:
             logged[0] = True
+            if self.requests is not None:
+                self.requests.add(scope["path"], status[0])
             elapsed = time.perf_counter() - start
             prompt, generated = state.get("prompt_tokens", 0), state.get("generated_tokens", 0)
             log.info(

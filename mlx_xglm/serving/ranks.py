@@ -16,7 +16,6 @@ from ..decoding.rows import generation_stream
 from ..world import all_gather_json
 from .engine import Engine
 from .jobs import Job, Sampling
-from .scoring import prompt_logprobs
 
 
 def settle() -> None:
@@ -103,4 +102,5 @@ class FollowerEngine(Engine):
 
     def _on_score(self, generator, payload) -> None:
         ids, top, _ = payload
-        prompt_logprobs(self.model, ids, top)
+        # As rank 0 scores, through its prefix cache: the same passes, so the collectives meet.
+        self._score(ids, top)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-# Positions whose vocabulary-wide log-probabilities are held at once while scoring a prompt.
-SCORE_CHUNK = 256
+from ..model.logprobs import target_logprobs
 
 
 def _top(rows: mx.array, k: int) -> tuple[mx.array, mx.array]:
@@ -16,35 +15,30 @@ def _top(rows: mx.array, k: int) -> tuple[mx.array, mx.array]:
     return mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
 
 
-def prompt_logprobs(model, ids: list[int], top: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:
+def prompt_logprobs(
+    model, ids: list[int], top: int = 0, cache: list | None = None
+) -> list[tuple[float, list[tuple[int, float]]]]:
     """For each token of `ids` after the first: its log-probability given the tokens before it, and the
     `top` likeliest tokens at that place as `(id, logprob)`, likeliest first.
 
-    One forward pass over the whole prompt; the vocabulary-wide log-softmax is taken `SCORE_CHUNK`
-    positions at a time so a long prompt never holds [length, vocab] values at once.
+    One forward pass over the whole prompt; the vocabulary-wide log-softmax is model/logprobs.py's, taken a
+    chunk of positions at a time so a long prompt never holds [length, vocab] values at once. With `cache` (a
+    prompt cache that has read the first `offset` tokens of `ids`, `offset` < len(ids)), only the tokens
+    after that are read, and the result starts at token `offset` + 1; the cache reads them too.
     """
-    if len(ids) < 2:
+    offset = 0 if cache is None else cache[0].offset
+    if len(ids) - offset < 2:
         return []
     tokens = mx.array(ids)
-    hidden = model.model(tokens[None, :-1])[0]
-    result = []
-    for start in range(0, len(ids) - 1, SCORE_CHUNK):
-        logits = model.head(hidden[start : start + SCORE_CHUNK]).astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        targets = tokens[start + 1 : start + 1 + logprobs.shape[0]]
-        chosen = mx.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
-        if top:
-            top_ids, top_values = _top(logprobs, top)
-            mx.eval(chosen, top_ids, top_values)
-            pairs = [
-                list(zip(i, v, strict=True))
-                for i, v in zip(top_ids.tolist(), top_values.tolist(), strict=True)
-            ]
-        else:
-            mx.eval(chosen)
-            pairs = [[] for _ in range(chosen.size)]
-        result.extend(zip(chosen.tolist(), pairs, strict=True))
-    return result
+    hidden = model.model(tokens[None, offset:-1], cache=cache)[0]
+    scored = target_logprobs(model.head, hidden, tokens[offset + 1 :], top=top)
+    if not top:
+        return [(lp, []) for lp in scored["logprobs"].tolist()]
+    pairs = [
+        list(zip(i, v, strict=True))
+        for i, v in zip(scored["top_ids"].tolist(), scored["top_logprobs"].tolist(), strict=True)
+    ]
+    return list(zip(scored["logprobs"].tolist(), pairs, strict=True))
 
 
 def top_logprobs(

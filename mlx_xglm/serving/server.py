@@ -75,7 +75,8 @@ def serve(
     With a `group` of several processes (`mlx.launch`, the model sharded over it) this is rank 0, which
     shares each step's work with the other ranks; they run `follow` meanwhile.
 
-    `engine_args` go to `Engine` (`max_batch`, `max_queue`, `max_kv_size`, `prefill_step_size`),
+    `engine_args` go to `Engine` (`max_batch`, `max_queue`, `max_kv_size`, `prefill_step_size`,
+    `prompt_cache_size`, `prompt_cache_bytes`),
     `app_args` to `create_app` (`api_key`, `max_prompt_tokens`, `max_body_bytes`, `chat_template`,
     `max_model_len`, `allowed_origins`, `body_timeout`). Request headers must arrive within 10 seconds.
     `log_level` sets both uvicorn's and the per-request log lines' level.
