@@ -22,16 +22,7 @@ from collections.abc import Iterator
 from ..tokenization.prompt import DEFAULT_TEMPLATE, PLACEHOLDER, prompt_ids, split_template, user_marker
 from .cache import cached_tokens, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from .generate import GenerationResponse, stream_generate
-from .prefix_cache import DEFAULT_PROMPT_CACHE_SIZE, PrefixCache
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+from .prefix_cache import DEFAULT_PROMPT_CACHE_SIZE, PrefixCache, common_prefix
 
 
 def _encode_lines(tokenizer, text: str) -> list[int]:
@@ -145,7 +136,7 @@ class Conversation:
         wanted = self.cached + ids + answer + [eos]
         read = cached_tokens(self.cache)
         held = (self.cached + ids + generated)[:read]
-        keep = _common_prefix(held, wanted)
+        keep = common_prefix(held, wanted)
         if can_trim_prompt_cache(self.cache):
             trim_prompt_cache(self.cache, read - keep)
             self.cached, self.pending = wanted[:keep], wanted[keep:]

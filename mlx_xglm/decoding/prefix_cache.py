@@ -48,7 +48,8 @@ class _Entry:
         return self.cache[0].offset
 
 
-def _common_prefix(a, b) -> int:
+def common_prefix(a, b) -> int:
+    """How many leading tokens the id sequences `a` and `b` share."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -122,7 +123,7 @@ class PrefixCache:
         """
         best, best_length = None, 0
         for entry in self._entries.values():
-            common = _common_prefix(entry.tokens, tokens)
+            common = common_prefix(entry.tokens, tokens)
             if top is None:
                 length = min(common, len(tokens) - 1, entry.read)
             elif entry.scores is not None and entry.top >= top:
@@ -161,11 +162,11 @@ class PrefixCache:
             return
         for other in self._entries.values():
             covered = scores is None or (other.scores is not None and len(other.scores) >= len(scores))
-            if covered and _common_prefix(other.tokens, key) == len(key) and other.read >= cache[0].offset:
+            if covered and common_prefix(other.tokens, key) == len(key) and other.read >= cache[0].offset:
                 self._entries.move_to_end(other.tokens)
                 return
         for other in list(self._entries.values()):
-            if _common_prefix(other.tokens, key) != len(other.tokens) or other.read > cache[0].offset:
+            if common_prefix(other.tokens, key) != len(other.tokens) or other.read > cache[0].offset:
                 continue
             if other.scores is not None and (scores is None or len(scores) < len(other.scores)):
                 # The other's scores are of a beginning of these tokens: they stay true here.
