@@ -20,6 +20,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..settings import on_gpu
+
 # Positions per head matmul: bounds the [positions, vocab_size] float32 logits held at once (128 x 256008
 # floats, 131 MB; benchmarks/lora_train.py's peak memory is 2.17 GB with 128, 2.30 GB with 256).
 CHUNK = 128
@@ -28,7 +30,7 @@ _ROWS = 16
 
 
 def _on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
+    return not on_gpu()
 
 
 def _detached(a: mx.array) -> mx.array:
