@@ -162,6 +162,27 @@ def available(name: str, args) -> bool:
     return True
 
 
+def alternating_trials(script: str, args: argparse.Namespace, passed: tuple[str, ...], *extra: str) -> dict:
+    """Run `script --backend mlx|torch` in fresh processes, alternating which goes first, `args.trials`
+    times; torch runs without the LD_PRELOAD meant for MLX. Returns each backend's parsed JSON last lines.
+
+    `passed` names the options of `args` handed on to the workers; `extra` are further worker flags.
+    """
+    results = {"mlx": [], "torch": []}
+    for trial in range(args.trials):
+        for backend in ("mlx", "torch") if trial % 2 == 0 else ("torch", "mlx"):
+            env = dict(os.environ)
+            if backend == "torch":
+                env.pop("LD_PRELOAD", None)
+            command = [sys.executable, script, "--backend", backend, *extra]
+            command += [
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in passed and v is not None
+            ]
+            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=3600)
+            results[backend].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
+
+
 def append_table(output: Path, rows: list[str]) -> None:
     """Append a table's lines to the results file `output` and print them."""
     output.parent.mkdir(parents=True, exist_ok=True)

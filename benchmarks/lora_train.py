@@ -17,12 +17,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 
 import mlx.core as mx
 import numpy as np
+from compare import alternating_trials
 
 from mlx_xglm.bench import PRESETS, random_model
 from mlx_xglm.tuning import Example, TrainingArgs, apply_lora, lora_config, train, trainable_parameters
@@ -86,18 +85,7 @@ def measure_torch(args: argparse.Namespace) -> dict:
 
 def compare(args: argparse.Namespace) -> None:
     """Alternate fresh-process trials of both backends; print the medians and their ratio."""
-    results = {"mlx": [], "torch": []}
-    for trial in range(args.trials):
-        for backend in ("mlx", "torch") if trial % 2 == 0 else ("torch", "mlx"):
-            env = dict(os.environ)
-            if backend == "torch":
-                env.pop("LD_PRELOAD", None)
-            command = [sys.executable, __file__, "--backend", backend, "--json"]
-            command += [
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in PASSED and v is not None
-            ]
-            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-            results[backend].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = alternating_trials(__file__, args, PASSED, "--json")
     mlx = statistics.median(r["tokens_per_second"] for r in results["mlx"])
     torch = statistics.median(r["tokens_per_second"] for r in results["torch"])
     memory = max(r["peak_memory_gb"] for r in results["mlx"])

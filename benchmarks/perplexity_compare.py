@@ -18,12 +18,11 @@ import math
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 
 import mlx.core as mx
 import numpy as np
+from compare import alternating_trials
 
 from mlx_xglm.bench import random_model
 from mlx_xglm.evaluation import perplexity
@@ -92,16 +91,7 @@ def measure_torch(args: argparse.Namespace) -> dict:
 
 
 def compare(args: argparse.Namespace) -> None:
-    results = {"mlx": [], "torch": []}
-    for trial in range(args.trials):
-        for backend in ("mlx", "torch") if trial % 2 == 0 else ("torch", "mlx"):
-            env = dict(os.environ)
-            if backend == "torch":
-                env.pop("LD_PRELOAD", None)
-            command = [sys.executable, __file__, "--backend", backend]
-            command += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in PASSED]
-            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=3600)
-            results[backend].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = alternating_trials(__file__, args, PASSED)
     ours = statistics.median(r["seconds"] for r in results["mlx"])
     theirs = statistics.median(r["seconds"] for r in results["torch"])
     blas = (
