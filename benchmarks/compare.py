@@ -180,6 +180,7 @@ def alternating_trials(script: str, args: argparse.Namespace, passed: tuple[str,
             ]
             out = subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=3600)
             results[backend].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"trial {trial + 1} {backend}: {results[backend][-1]}", flush=True)
     return results
 
 

@@ -10,10 +10,11 @@ import mlx.nn as nn
 
 from ..errors import XGLMError
 from .config_checks import config_problem
+from .elementwise import gelu
 from .positions import POSITION_OFFSET
 
 ACTIVATIONS = {
-    "gelu": nn.gelu,  # exact erf GELU, as transformers' "gelu"
+    "gelu": gelu,  # exact erf GELU, as transformers' "gelu" (vectorized on the CPU: elementwise.py)
     "gelu_new": nn.gelu_approx,  # tanh approximation
     "relu": nn.relu,
     "silu": nn.silu,

@@ -15,6 +15,7 @@ import mlx.nn as nn
 from .cache import KVCache
 from .config import ACTIVATIONS, XGLMConfig
 from .dropout import Dropout, dropout_key, keyed_call, layer_key
+from .elementwise import softmax
 from .forward import causal_lm_forward, model_forward
 from .masks import Positions, additive_mask, causal
 from .positions import XGLMSinusoidalPositionalEmbedding
@@ -61,7 +62,7 @@ class XGLMAttention(nn.Module):
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         scores = ((q * self.scale) @ k.swapaxes(-1, -2)).astype(mx.float32)
         mask = additive_mask(mask, L, k.shape[2], mx.float32)
-        probs = mx.softmax(scores if mask is None else scores + mask, axis=-1)
+        probs = softmax(scores if mask is None else scores + mask)
         if head_mask is not None:
             probs = probs * head_mask.astype(mx.float32)[None, :, None, None]
         probs = probs.astype(v.dtype)
