@@ -184,6 +184,20 @@ def alternating_trials(script: str, args: argparse.Namespace, passed: tuple[str,
     return results
 
 
+def paired_ratios(results: dict, speed) -> list[float]:
+    """Each trial's mlx-xglm speed over the torch run next to it (`speed(result)`: higher is faster).
+
+    This machine's speed drifts by up to 1.5x within minutes; the two runs of a trial are adjacent in
+    time, so their ratio keeps less of the drift than the ratio of the two medians."""
+    return [speed(m) / speed(t) for m, t in zip(results["mlx"], results["torch"], strict=True)]
+
+
+def describe_ratios(ratios: list[float]) -> str:
+    shown = ", ".join(f"{r:.2f}" for r in ratios)
+    ahead = sum(r > 1 for r in ratios)
+    return f"per trial {shown}; median {statistics.median(ratios):.2f}x, ahead in {ahead} of {len(ratios)}"
+
+
 def append_table(output: Path, rows: list[str]) -> None:
     """Append a table's lines to the results file `output` and print them."""
     output.parent.mkdir(parents=True, exist_ok=True)

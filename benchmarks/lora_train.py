@@ -21,7 +21,7 @@ import time
 
 import mlx.core as mx
 import numpy as np
-from compare import alternating_trials
+from compare import alternating_trials, describe_ratios, paired_ratios
 
 from mlx_xglm.bench import PRESETS, random_model
 from mlx_xglm.tuning import Example, TrainingArgs, apply_lora, lora_config, train, trainable_parameters
@@ -93,6 +93,8 @@ def compare(args: argparse.Namespace) -> None:
     print(f"mlx-xglm: {mlx:.1f} tokens/s, peak memory {memory:.3f} GB")
     print(f"transformers + peft (torch {torch_version()}): {torch:.1f} tokens/s")
     print(f"mlx-xglm / transformers + peft: {mlx / torch:.2f}x")
+    ratios = paired_ratios(results, lambda r: r["tokens_per_second"])
+    print(f"paired, mlx-xglm / transformers + peft: {describe_ratios(ratios)}", flush=True)
 
 
 PASSED = ("preset", "layers", "dtype", "q_bits", "batch_size", "seq_len", "steps", "rank")

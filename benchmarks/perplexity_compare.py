@@ -22,7 +22,7 @@ import time
 
 import mlx.core as mx
 import numpy as np
-from compare import alternating_trials
+from compare import alternating_trials, describe_ratios, paired_ratios
 
 from mlx_xglm.bench import random_model
 from mlx_xglm.evaluation import perplexity
@@ -104,7 +104,9 @@ def compare(args: argparse.Namespace) -> None:
     )
     print(f"mlx-xglm perplexity(): {ours:.1f} s, perplexity {results['mlx'][0]['perplexity']:.6g}")
     print(f"transformers strided loop: {theirs:.1f} s, perplexity {results['torch'][0]['perplexity']:.6g}")
-    print(f"speed, mlx-xglm / transformers: {theirs / ours:.2f}x", flush=True)
+    print(f"speed, mlx-xglm / transformers: {theirs / ours:.2f}x")
+    ratios = paired_ratios(results, lambda r: 1 / r["seconds"])
+    print(f"paired, mlx-xglm / transformers: {describe_ratios(ratios)}", flush=True)
 
 
 PASSED = ("preset", "layers", "tokens", "context_length", "stride")
