@@ -72,7 +72,7 @@ def measure_torch(args: argparse.Namespace) -> dict:
     )
     model = peft.get_peft_model(model, config).train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(4, 256008, (args.batch_size, args.seq_len))
+    ids = torch.randint(4, model.config.vocab_size, (args.batch_size, args.seq_len))
     speeds = []
     for _ in range(args.steps + 1):
         start = time.perf_counter()
