@@ -112,6 +112,26 @@ def test_small_arrays_and_gpus_use_mlx_ops(monkeypatch):
     assert mx.array_equal(elementwise.softmax(large), mx.softmax(large, axis=-1, precise=True))
 
 
+def test_under_mx_compile_mlx_ops_stand_in(numpy_calls):
+    """Nothing may be evaluated while `mx.compile` traces, so the numpy route gives way to MLX's ops."""
+    x = large_normal((2, 64, 1024), seed=6)
+    eager = (elementwise.gelu(x), elementwise.softmax(x), mx.grad(lambda x: elementwise.gelu(x).sum())(x))
+    assert [name for name, _ in numpy_calls] == ["gelu", "softmax", "gelu", "gelu"]
+    numpy_calls.clear()
+    compiled = mx.compile(
+        lambda x: (
+            elementwise.gelu(x),
+            elementwise.softmax(x),
+            mx.grad(lambda x: elementwise.gelu(x).sum())(x),
+        )
+    )(x)
+    assert numpy_calls == []
+    for got, want in zip(compiled, eager, strict=True):
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=0, atol=1e-6)
+    derivative = gelu_derivative64(np.array(x))
+    assert np.abs(np.array(compiled[2], np.float64) - derivative).max() <= 1e-6
+
+
 def causal_scores(seed=4) -> mx.array:
     scores = large_normal((2, 4, 96, 96), scale=4.0, seed=seed)
     return scores + mx.where(mx.tril(mx.ones((96, 96))) > 0, 0.0, -mx.inf)
@@ -211,3 +231,14 @@ def test_lora_gradients_equal_on_both_routes(make_checkpoint, monkeypatch, numpy
             # Measured: at most 3.9e-7 of the largest value (a k_proj lora_B gradient).
             assert np.abs(g - w).max() <= 2e-6 * np.abs(w).max(), name
         assert ("gelu", True) in numpy_calls and ("softmax", False) in numpy_calls
+
+
+def test_a_compiled_model_runs_and_gives_the_eager_logits(numpy_everywhere, tiny_checkpoint):
+    model, _ = load(tiny_checkpoint)
+    ids = mx.array([[2, 100, 200, 300, 400, 17, 33, 9]])
+    eager = model(ids)
+    assert numpy_everywhere
+    numpy_everywhere.clear()
+    compiled = mx.compile(model)(ids)
+    assert numpy_everywhere == []
+    np.testing.assert_allclose(np.array(compiled), np.array(eager), rtol=0, atol=1e-4)

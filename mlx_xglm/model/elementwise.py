@@ -75,9 +75,16 @@ def _vectorized(x: mx.array) -> bool:
     return x.size >= LARGE and not on_gpu()
 
 
-def _numpy(x: mx.array) -> np.ndarray:
-    """`x` evaluated, as a float32 numpy array (a view where it already is one: numpy has no bfloat16)."""
-    return np.asarray(x if x.dtype == mx.float32 else x.astype(mx.float32))
+def _numpy(x: mx.array) -> np.ndarray | None:
+    """`x` evaluated, as a float32 numpy array (a view where it already is one: numpy has no bfloat16);
+    None while MLX is tracing a function (`mx.compile`), where nothing may be evaluated: the caller then
+    uses MLX's own ops, which trace."""
+    x = x if x.dtype == mx.float32 else x.astype(mx.float32)
+    try:
+        mx.eval(x)
+    except ValueError:  # "[eval] Attempting to eval an array during function transformations ..."
+        return None
+    return np.asarray(x)
 
 
 def _gelu_numpy(x: np.ndarray, derivative: bool) -> np.ndarray:
@@ -135,12 +142,21 @@ def _gelu_numpy(x: np.ndarray, derivative: bool) -> np.ndarray:
 
 @mx.custom_function
 def _gelu_cpu(x: mx.array) -> mx.array:
-    return mx.array(_gelu_numpy(_numpy(x), False)).astype(x.dtype)
+    values = _numpy(x)
+    if values is None:
+        return nn.gelu(x)
+    return mx.array(_gelu_numpy(values, False)).astype(x.dtype)
 
 
 @_gelu_cpu.vjp
 def _gelu_cpu_vjp(x, cotangent, output):
-    derivative = mx.array(_gelu_numpy(_numpy(x), True))
+    values = _numpy(x)
+    if values is None:
+        x32 = x.astype(mx.float32)
+        phi = mx.exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
+        derivative = 0.5 * (1 + mx.erf(x32 * _SQRT_HALF)) + x32 * phi
+    else:
+        derivative = mx.array(_gelu_numpy(values, True))
     return (cotangent * derivative).astype(x.dtype)
 
 
@@ -170,7 +186,10 @@ def _softmax_numpy(x: np.ndarray) -> np.ndarray:
 
 @mx.custom_function
 def _softmax_cpu(x: mx.array) -> mx.array:
-    return mx.array(_softmax_numpy(_numpy(x))).astype(x.dtype)
+    values = _numpy(x)
+    if values is None:
+        return mx.softmax(x, axis=-1, precise=True)
+    return mx.array(_softmax_numpy(values)).astype(x.dtype)
 
 
 @_softmax_cpu.vjp
