@@ -126,10 +126,11 @@ def test_under_mx_compile_mlx_ops_stand_in(numpy_calls):
         )
     )(x)
     assert numpy_calls == []
+    # Measured: 4.8e-7, 5.4e-7 and 3.6e-7 from the numpy route; the compiled derivative 2.5e-7 from float64.
     for got, want in zip(compiled, eager, strict=True):
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=0, atol=1e-6)
     derivative = gelu_derivative64(np.array(x))
-    assert np.abs(np.array(compiled[2], np.float64) - derivative).max() <= 1e-6
+    assert np.abs(np.array(compiled[2], np.float64) - derivative).max() <= 5e-7
 
 
 def causal_scores(seed=4) -> mx.array:
@@ -241,4 +242,5 @@ def test_a_compiled_model_runs_and_gives_the_eager_logits(numpy_everywhere, tiny
     numpy_everywhere.clear()
     compiled = mx.compile(model)(ids)
     assert numpy_everywhere == []
-    np.testing.assert_allclose(np.array(compiled), np.array(eager), rtol=0, atol=1e-4)
+    # Measured: 6.7e-6 on logits up to 73 (MLX's erf and exp against numpy's, through 2 layers).
+    np.testing.assert_allclose(np.array(compiled), np.array(eager), rtol=0, atol=2e-5)

@@ -152,11 +152,8 @@ def _gelu_cpu(x: mx.array) -> mx.array:
 def _gelu_cpu_vjp(x, cotangent, output):
     values = _numpy(x)
     if values is None:
-        x32 = x.astype(mx.float32)
-        phi = mx.exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
-        derivative = 0.5 * (1 + mx.erf(x32 * _SQRT_HALF)) + x32 * phi
-    else:
-        derivative = mx.array(_gelu_numpy(values, True))
+        return mx.vjp(nn.gelu, [x], [cotangent])[1][0]
+    derivative = mx.array(_gelu_numpy(values, True))
     return (cotangent * derivative).astype(x.dtype)
 
 
